@@ -1,0 +1,22 @@
+"""Kernels shared by every block: Triton on CUDA, pure-torch references everywhere.
+
+Each public function dispatches (see `dispatch.py`); each `*_ref` is the definition the
+Triton version is tested against. Nothing here imports triton at import time.
+"""
+from .conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
+from .norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
+from .selective_attention import (
+    selective_attention,
+    selective_attention_decode,
+    selective_attention_decode_ref,
+    selective_attention_ref,
+)
+from .ssd import seq_idx_from_cu_seqlens, ssd_chunked, ssd_chunked_ref, ssd_naive, ssd_step, ssd_step_ref
+
+__all__ = [
+    "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",
+    "gated_rms_norm", "gated_rms_norm_ref", "rms_norm", "rms_norm_ref",
+    "selective_attention", "selective_attention_decode", "selective_attention_decode_ref",
+    "selective_attention_ref",
+    "seq_idx_from_cu_seqlens", "ssd_chunked", "ssd_chunked_ref", "ssd_naive", "ssd_step", "ssd_step_ref",
+]

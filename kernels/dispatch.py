@@ -1,0 +1,52 @@
+"""Pick a kernel backend: Triton on CUDA, the pure-torch reference elsewhere.
+
+`HYBRIDLAB_KERNELS=triton|reference` forces one. A kernel module registers its Triton
+implementation lazily, so importing this package never imports triton.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("triton", "reference")
+
+
+def requested_backend() -> str | None:
+    value = os.environ.get("HYBRIDLAB_KERNELS", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"HYBRIDLAB_KERNELS={value!r}: expected one of {', '.join(BACKENDS)}")
+    return value
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton path should run for these inputs."""
+    forced = requested_backend()
+    if forced == "reference":
+        return False
+    if forced == "triton":
+        # Forced Triton on CPU tensors only makes sense under the interpreter.
+        return triton_available()
+    return triton_available() and all(t.is_cuda for t in tensors if t is not None)
+
+
+def triton_impl(module: str):
+    """The Triton implementation module `hybridlab.kernels.<module>`, or None if not written."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__package__}.{module}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith(module):
+            return None
+        raise

@@ -1,0 +1,86 @@
+"""Attention for the queries a SAL selected: causal, optionally windowed, GQA.
+
+Full causal attention and sliding-window attention are the special case "every query
+selected", so `attention`, `swa` and `sal` all call `selective_attention`.
+
+    key j is visible to query i  iff  j <= i  and  i - j < window  and  kv_mask[j]
+
+The window is measured in original token positions, not among selected tokens. A query
+always sees itself, so no row of the softmax is empty. Unselected queries output zeros.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import triton_impl, use_triton
+
+
+def _visibility(L, window, q_mask, kv_mask, device):
+    """(b or 1, 1, L, L) bool: which keys each query may attend to."""
+    i = torch.arange(L, device=device)
+    rel = i[:, None] - i[None, :]  # query - key
+    vis = rel >= 0
+    if window is not None:
+        vis = vis & (rel < window)
+    vis = vis[None, None]
+    if kv_mask is not None:
+        vis = vis & (kv_mask[:, None, None, :] | torch.eye(L, dtype=torch.bool, device=device))
+    return vis
+
+
+def selective_attention_ref(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None):
+    """q (b, L, hq, d); k, v (b, L, hkv, d); masks (b, L) bool. Returns (b, L, hq, d)."""
+    b, L, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    vis = _visibility(L, window, q_mask, kv_mask, q.device)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, L, d)
+    if hkv != hq:  # GQA: each K/V head serves hq // hkv query heads
+        kt = kt.repeat_interleave(hq // hkv, dim=1)
+        vt = vt.repeat_interleave(hq // hkv, dim=1)
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=vis, scale=scale)
+    o = o.transpose(1, 2)  # (b, L, hq, d)
+    if q_mask is not None:
+        o = o * q_mask[:, :, None, None].to(o.dtype)
+    return o
+
+
+def selective_attention_decode_ref(q, k_cache, v_cache, slot_pos, pos, window=None, scale=None):
+    """One query per sequence against a cache.
+
+    q (b, hq, d); k_cache, v_cache (b, S, hkv, d); slot_pos (b, S) int64, the original position
+    held in each slot (-1: empty); pos (b,) the query's position. Returns (b, hq, d).
+    """
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    valid = (slot_pos >= 0) & (slot_pos <= pos[:, None])
+    if window is not None:
+        valid = valid & (slot_pos > pos[:, None] - window)
+    kt = k_cache.transpose(1, 2)  # (b, hkv, S, d)
+    vt = v_cache.transpose(1, 2)
+    if hkv != hq:
+        kt = kt.repeat_interleave(hq // hkv, dim=1)
+        vt = vt.repeat_interleave(hq // hkv, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.float(), kt.float()) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with nothing valid gives zeros
+    return torch.einsum("bhs,bhsd->bhd", p, vt.float()).to(q.dtype)
+
+
+def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None):
+    impl = triton_impl("selective_attention_triton") if use_triton(q) else None
+    if impl is not None:
+        return impl.selective_attention(q, k, v, q_mask=q_mask, kv_mask=kv_mask,
+                                        window=window, scale=scale)
+    return selective_attention_ref(q, k, v, q_mask, kv_mask, window, scale)
+
+
+def selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window=None, scale=None):
+    impl = triton_impl("selective_attention_triton") if use_triton(q) else None
+    if impl is not None and hasattr(impl, "selective_attention_decode"):
+        return impl.selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window, scale)
+    return selective_attention_decode_ref(q, k_cache, v_cache, slot_pos, pos, window, scale)
