@@ -1,0 +1,169 @@
+"""Causal self-attention (full or sliding-window), and the `attention` and `swa` blocks.
+
+`SelfAttention` is shared with the SAL: q/k/v projections, optional RoPE, GQA, and a decode
+cache that is a ring buffer when a window bounds it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from hybridlab.kernels import selective_attention, selective_attention_decode
+
+from .base import Block, BlockConfigMixin, avg_causal_context
+from .common import RMSNorm, apply_rope, init_linear, rope_angles
+from .config import Config, ConfigError, field, join_path
+from .registry import register_block
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, head_dim: int, n_kv_heads: int | None, positional: str,
+                 rope_theta: float, window: int | None, n_layers: int):
+        super().__init__()
+        self.head_dim, self.window = head_dim, window
+        self.n_heads = d_model // head_dim
+        self.n_kv_heads = n_kv_heads or self.n_heads
+        self.positional, self.rope_theta = positional, rope_theta
+        self.wqkv = nn.Linear(d_model, (self.n_heads + 2 * self.n_kv_heads) * head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * head_dim, d_model, bias=False)
+        init_linear(self.wqkv, 0.02)
+        init_linear(self.wo, 0.02 / math.sqrt(2 * n_layers))
+
+    def _qkv(self, x, positions):
+        """x (..., L, d) -> q (..., L, H, D), k, v (..., L, Hkv, D), RoPE applied if enabled."""
+        q, k, v = self.wqkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+             self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))
+        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        if self.positional == "rope":
+            cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x, q_mask=None, kv_mask=None):
+        """x (B, L, d) -> (B, L, d). Rows of queries outside q_mask are zero before `wo`."""
+        b, L, _ = x.shape
+        q, k, v = self._qkv(x, torch.arange(L, device=x.device))
+        o = selective_attention(q, k, v, q_mask=q_mask, kv_mask=kv_mask, window=self.window)
+        return self.wo(o.flatten(-2))
+
+    def cache_slots(self, max_len: int) -> int:
+        return max_len if self.window is None else min(self.window, max_len)
+
+    def allocate_cache(self, batch, max_len, device=None, dtype=None):
+        slots = self.cache_slots(max_len)
+        dtype = dtype or self.wqkv.weight.dtype
+        shape = (batch, slots, self.n_kv_heads, self.head_dim)
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "slot_pos": torch.full((batch, slots), -1, device=device, dtype=torch.long),
+            "pos": torch.zeros(batch, device=device, dtype=torch.long),  # tokens seen
+            "written": torch.zeros(batch, device=device, dtype=torch.long),  # tokens cached
+        }
+
+    def step(self, x, cache, write=None):
+        """x (B, d) -> (B, d) for the next token. `write` (B,) bool: cache this token's K/V
+        (None: every token). A bounded cache is a ring: slot = written % slots."""
+        b = x.shape[0]
+        pos = cache["pos"]
+        q, k, v = self._qkv(x[:, None], pos[:, None])  # (B, 1, H, D)
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        slots = cache["k"].shape[1]
+        slot = cache["written"] % slots
+        if self.window is None and bool((cache["written"] >= slots).any()):
+            raise RuntimeError("attention cache is full: allocate_cache with a larger max_len")
+        keep = torch.ones(b, dtype=torch.bool, device=x.device) if write is None else write
+        rows = torch.arange(b, device=x.device)
+        kk = keep[:, None, None]
+        cache["k"][rows, slot] = torch.where(kk, k, cache["k"][rows, slot])
+        cache["v"][rows, slot] = torch.where(kk, v, cache["v"][rows, slot])
+        cache["slot_pos"][rows, slot] = torch.where(keep, pos, cache["slot_pos"][rows, slot])
+        cache["written"] += keep.long()
+        o = selective_attention_decode(q, cache["k"], cache["v"], cache["slot_pos"], pos,
+                                       window=self.window)
+        cache["pos"] += 1
+        return self.wo(o.flatten(-2))
+
+
+@dataclass(frozen=True)
+class AttentionConfig(Config, BlockConfigMixin):
+    head_dim: int = field(64, "channels per head; heads = d_model / head_dim", ge=1)
+    n_kv_heads: Optional[int] = field(None, "K/V heads for GQA (null: as many as query heads)",
+                                      ge=1, nullable=True)
+    positional: str = field("rope", "positional encoding inside attention", choices=("rope", "none"))
+    rope_theta: float = field(10000.0, "RoPE base", gt=0)
+
+    window = None  # full causal attention
+
+    def validate(self, d_model: int, path: str = "") -> None:
+        if d_model % self.head_dim:
+            raise ConfigError(join_path(path, "head_dim"),
+                              f"d_model {d_model} is not divisible by head_dim {self.head_dim}")
+        n_heads = d_model // self.head_dim
+        if self.n_kv_heads is not None and n_heads % self.n_kv_heads:
+            raise ConfigError(join_path(path, "n_kv_heads"),
+                              f"{n_heads} query heads are not divisible by n_kv_heads {self.n_kv_heads}")
+
+    def kv_heads(self, d_model: int) -> int:
+        return self.n_kv_heads or d_model // self.head_dim
+
+    def attn_params(self, d_model: int) -> int:
+        qkv = d_model * (d_model + 2 * self.kv_heads(d_model) * self.head_dim)
+        return qkv + d_model * d_model
+
+    def num_params(self, d_model: int) -> int:
+        return d_model + self.attn_params(d_model)
+
+    def flops_per_token(self, d_model: int, seq_len: int) -> float:
+        ctx = avg_causal_context(seq_len, self.window)
+        return float(2 * self.attn_params(d_model) + 4 * ctx * d_model)
+
+    def state_bytes(self, d_model: int, seq_len: int, dtype_bytes: int = 2) -> int:
+        slots = seq_len if self.window is None else min(self.window, seq_len)
+        return 2 * slots * self.kv_heads(d_model) * self.head_dim * dtype_bytes
+
+    def describe(self) -> str:
+        kv = f" kv={self.n_kv_heads}" if self.n_kv_heads else ""
+        win = f" w={self.window}" if self.window is not None else ""
+        return f"{self.positional}{win}{kv}"
+
+
+@dataclass(frozen=True)
+class SWAConfig(AttentionConfig):
+    window: int = field(2048, "keys within this many positions of the query (itself included)", ge=1)
+
+
+class _AttentionBlock(Block):
+    """x + Attention(RMSNorm(x))."""
+
+    def __init__(self, cfg: AttentionConfig, d_model: int, n_layers: int):
+        super().__init__(cfg, d_model, n_layers)
+        self.norm = RMSNorm(d_model)
+        self.attn = SelfAttention(d_model, cfg.head_dim, cfg.n_kv_heads, cfg.positional,
+                                  cfg.rope_theta, cfg.window, n_layers)
+
+    def forward(self, x, aux=None):
+        return x + self.attn(self.norm(x))
+
+    def allocate_cache(self, batch, max_len, device=None, dtype=None):
+        return self.attn.allocate_cache(batch, max_len, device, dtype)
+
+    def step(self, x, cache):
+        return x + self.attn.step(self.norm(x), cache)
+
+
+@register_block("attention", "A", AttentionConfig, "full causal multi-head attention (RoPE, GQA), pre-norm residual")
+class AttentionBlock(_AttentionBlock):
+    pass
+
+
+@register_block("swa", "W", SWAConfig, "sliding-window causal attention, pre-norm residual")
+class SWABlock(_AttentionBlock):
+    pass

@@ -1,0 +1,61 @@
+"""Layers shared by several blocks: RMSNorm, SwiGLU, rotary embeddings."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlab.kernels import rms_norm
+
+from .base import round_up
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def swiglu_width(d_model: int, mult: float, multiple_of: int) -> int:
+    """SwiGLU hidden width: mult * d_model rounded up to a multiple (8/3 * 768 -> 2048)."""
+    return round_up(mult * d_model, multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """W2 (silu(W1 x) * W3 x), no biases (Shazeer 2020; Llama)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)  # [W1; W3] in one matmul
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (*positions.shape, head_dim // 2), in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    ang = positions.float()[..., None] * inv_freq
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) (the GPT-NeoX / Llama layout).
+
+    x (..., L, H, D); cos, sin (..., L, D/2), broadcast over heads.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def init_linear(module: nn.Linear, std: float) -> None:
+    nn.init.normal_(module.weight, mean=0.0, std=std)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,10 @@
+"""Errors a user can fix. The CLI prints them as one line and exits 2, no traceback."""
+from __future__ import annotations
+
+from hybridlab.blocks.config import ConfigError
+
+__all__ = ["ConfigError", "UserError"]
+
+
+class UserError(RuntimeError):
+    """Bad input other than a YAML key (a missing file, a broken checkpoint): one line."""

@@ -1,0 +1,86 @@
+"""HybridLM: embedding -> registered blocks -> final RMSNorm -> (tied) LM head."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlab.blocks import REGISTRY, Aux
+from hybridlab.blocks.common import RMSNorm
+
+from .graph import Arch
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, L, V)
+    loss: torch.Tensor | None = None  # ce_loss + aux_loss, what the optimiser minimises
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | float = 0.0
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.arch = arch
+        d, n = arch.d_model, len(arch.layers)
+        self.embed = nn.Embedding(arch.vocab_size, d)
+        nn.init.normal_(self.embed.weight, std=arch.init_std)
+        named: dict[str, nn.Module] = {}
+        blocks = []
+        for layer in arch.layers:
+            if layer.share is not None:
+                blocks.append(named[layer.share])  # the same module object: weights shared
+                continue
+            block = REGISTRY[layer.block].module_cls(layer.config, d, n)
+            if layer.name is not None:
+                named[layer.name] = block
+            blocks.append(block)
+        self.layers = nn.ModuleList(blocks)
+        self.scopes = [f"layers.{i}.{layer.block}" for i, layer in enumerate(arch.layers)]
+        self.norm_f = RMSNorm(d, arch.norm_eps)
+        self.head = None
+        if not arch.tie_embeddings:
+            self.head = nn.Linear(d, arch.vocab_size, bias=False)
+            nn.init.normal_(self.head.weight, std=arch.init_std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() counts shared ones once
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm_f(h)
+        return F.linear(h, self.embed.weight if self.head is None else self.head.weight)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
+        """idx (B, L) token ids; targets (B, L) next tokens, -100 to ignore."""
+        aux = Aux()
+        h = self.embed(idx)  # (B, L, d)
+        for scope, block in zip(self.scopes, self.layers):
+            aux.scope = scope
+            h = block(h, aux)
+        logits = self.logits(h)
+        out = LMOutput(logits=logits, aux_loss=aux.total_loss(), metrics=aux.metrics)
+        if targets is not None:
+            out.ce_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            out.loss = out.ce_loss + out.aux_loss
+        return out
+
+    @torch.no_grad()
+    def allocate_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list[dict]:
+        """One cache per layer position (a shared block still needs its own cache)."""
+        device = device or self.embed.weight.device
+        return [block.allocate_cache(batch, max_len, device, dtype) for block in self.layers]
+
+    def step(self, idx: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+        """idx (B,) the next token of each sequence -> logits (B, V); advances the caches."""
+        h = self.embed(idx)  # (B, d)
+        for block, cache in zip(self.layers, caches):
+            h = block.step(h, cache)
+        return self.logits(h)
+
+
+def cache_bytes(caches: list[dict]) -> int:
+    return sum(t.numel() * t.element_size() for c in caches for t in c.values())

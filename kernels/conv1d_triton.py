@@ -1,0 +1,428 @@
+"""Triton causal depthwise conv1d (+ SiLU) with backward, and the one-token decode update.
+
+Definitions are the references in `conv1d.py`. With taps j = 0..k-1 and seq_idx s,
+
+    a[t] = bias + sum_j w[j] * x[t-(k-1)+j] * [s[t-(k-1)+j] == s[t]],   y[t] = silu(a[t])
+
+so, with dpre = dy * silu'(a),
+
+    dx[t]   = sum_{i=0..k-1} w[k-1-i] * dpre[t+i] * [s[t+i] == s[t]]
+    dw[j]   = sum_t dpre[t] * x[t-(k-1)+j] * [same sequence]
+    dbias   = sum_t dpre[t]
+
+The backward recomputes `a` (it saves only x), so it reads x and dy once from DRAM and writes dx
+once: the memory floor of the op. Shifted tiles are re-read from L1/L2. x is (b, l, d) with any
+strides (Mamba-2 slices x/B/C out of the in-projection, so rows are usually not contiguous);
+all math is fp32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(interp, gpu):
+    """One config under the interpreter (autotune with several fails there), a few on the GPU."""
+    if _INTERPRET:
+        return [triton.Config(interp, num_warps=1)]
+    return [triton.Config(c, num_warps=w) for c, w in gpu]
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.autotune(
+    configs=_configs(
+        {"BLOCK_L": 16, "BLOCK_D": 16},
+        [({"BLOCK_L": 32, "BLOCK_D": 128}, 4), ({"BLOCK_L": 64, "BLOCK_D": 128}, 4),
+         ({"BLOCK_L": 64, "BLOCK_D": 64}, 4), ({"BLOCK_L": 128, "BLOCK_D": 128}, 8)],
+    ),
+    key=["D", "K", "HAS_SEQ"],
+)
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr,
+    L, D,
+    sxb, sxl, sxd, swd, swk, ssb, ssl, syb, syl, syd,
+    K: tl.constexpr, KP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = c < D
+    kidx = tl.arange(0, KP)
+    # (BLOCK_D, KP) taps, loaded once; tap j is pulled out with a masked row sum.
+    wt = tl.load(w_ptr + c[:, None] * swd + kidx[None, :] * swk,
+                 mask=cmask[:, None] & (kidx[None, :] < K), other=0.0).to(tl.float32)
+    x_base = x_ptr + pid_b * sxb
+    seq_base = seq_ptr + pid_b * ssb
+    if HAS_SEQ:
+        s_t = tl.load(seq_base + t * ssl, mask=t < L, other=-1)
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(K):
+        q = t + (j - (K - 1))  # tap j reads x[t-(k-1)+j]
+        m = (q >= 0) & (q < L)
+        if HAS_SEQ:
+            s_q = tl.load(seq_base + q * ssl, mask=m, other=-2)
+            m = m & (s_q == s_t)
+        xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
+                     mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        w_j = tl.sum(tl.where(kidx[None, :] == j, wt, 0.0), axis=1)
+        acc += xq * w_j[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + pid_b * syb + t[:, None] * syl + c[None, :] * syd,
+             acc.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _dsilu_mul(dy, a, SILU: tl.constexpr):
+    """dy * silu'(a), silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)."""
+    if SILU:
+        s = tl.sigmoid(a)
+        return dy * (s * (1.0 + a * (1.0 - s)))
+    else:
+        return dy
+
+
+@triton.autotune(
+    configs=_configs(
+        {"BLOCK_L": 16, "BLOCK_D": 16},
+        [({"BLOCK_L": 32, "BLOCK_D": 64}, 4), ({"BLOCK_L": 32, "BLOCK_D": 128}, 4),
+         ({"BLOCK_L": 64, "BLOCK_D": 64}, 4), ({"BLOCK_L": 64, "BLOCK_D": 128}, 8)],
+    ),
+    key=["D", "K", "HAS_SEQ", "CHUNK_L"],
+)
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, b_ptr, seq_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
+    L, D, n_chunks,
+    sxb, sxl, sxd, swd, swk, ssb, ssl, sdyb, sdyl, sdyd, sdxb, sdxl, sdxd,
+    K: tl.constexpr, KP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    CHUNK_L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program: BLOCK_D channels x CHUNK_L positions of one batch row (a loop of BLOCK_L
+    steps). dx is written directly; dw and dbias partial sums go to per-program slots
+    (dw_ptr: (b * n_chunks, k, d), db_ptr: (b * n_chunks, d)), summed on the host side:
+    deterministic, no atomics.
+
+    K <= 4 takes a path that keeps the k-1 shifted pre-activations in named registers, so each
+    x tile is read 3k-1 times (from cache) instead of k^2 + k times; larger k takes the
+    plain path.
+    """
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = c < D
+    kidx = tl.arange(0, KP)
+    wt = tl.load(w_ptr + c[:, None] * swd + kidx[None, :] * swk,
+                 mask=cmask[:, None] & (kidx[None, :] < K), other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    pb = pid_b.to(tl.int64)
+    x_base = x_ptr + pb * sxb
+    dy_base = dy_ptr + pb * sdyb
+    dx_base = dx_ptr + pb * sdxb
+    seq_base = seq_ptr + pb * ssb
+
+    dw_acc = tl.zeros((BLOCK_D, KP), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for it in range(CHUNK_L // BLOCK_L):
+        t = pid_l * CHUNK_L + it * BLOCK_L + tl.arange(0, BLOCK_L)
+        tmask = t < L
+        if HAS_SEQ:
+            s0 = tl.load(seq_base + t * ssl, mask=tmask, other=-1)
+        # ---- pre-activation and dpre at t (shift 0)
+        a0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+        for j in tl.static_range(K):
+            q = t + (j - (K - 1))
+            m = (q >= 0) & (q < L)
+            if HAS_SEQ:
+                s_q = tl.load(seq_base + q * ssl, mask=m, other=-2)
+                m = m & (s_q == s0)
+            xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
+                         mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            a0 += xq * tl.sum(tl.where(kidx[None, :] == j, wt, 0.0), axis=1)[None, :]
+        dy0 = tl.load(dy_base + t[:, None] * sdyl + c[None, :] * sdyd,
+                      mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        dpre0 = _dsilu_mul(dy0, a0, SILU)
+        db_acc += tl.sum(dpre0, axis=0)
+        dx = dpre0 * tl.sum(tl.where(kidx[None, :] == K - 1, wt, 0.0), axis=1)[None, :]
+
+        if K <= 4:
+            # ---- shifts 1..k-1 share each x tile: offsets o = -(k-1)..k-1 read once each.
+            a1 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+            a2 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+            a3 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+            if HAS_SEQ:
+                s1 = tl.load(seq_base + (t + 1) * ssl, mask=t + 1 < L, other=-3)
+                if K >= 3:
+                    s2 = tl.load(seq_base + (t + 2) * ssl, mask=t + 2 < L, other=-3)
+                if K >= 4:
+                    s3 = tl.load(seq_base + (t + 3) * ssl, mask=t + 3 < L, other=-3)
+            for oi in tl.static_range(2 * K - 1):
+                o = oi - (K - 1)
+                q = t + o
+                mq = (q >= 0) & (q < L)
+                xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
+                             mask=mq[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                if HAS_SEQ:
+                    s_q = tl.load(seq_base + q * ssl, mask=mq, other=-2)
+                if o <= 0:
+                    # dw[j] += sum_t dpre[t] x[t-(k-1)+j], j = o + k - 1
+                    if HAS_SEQ:
+                        xm = tl.where((s_q == s0)[:, None], xq, 0.0)
+                    else:
+                        xm = xq
+                    dw_acc += tl.where(kidx[None, :] == o + K - 1,
+                                       tl.sum(dpre0 * xm, axis=0)[:, None], 0.0)
+                # a[t+i] gets tap j = o - i + k - 1 from this tile
+                if o + K - 2 >= 0 and o - 1 <= 0:  # i = 1
+                    w_j = tl.sum(tl.where(kidx[None, :] == o + K - 2, wt, 0.0), axis=1)
+                    if HAS_SEQ:
+                        a1 += tl.where((s_q == s1)[:, None], xq, 0.0) * w_j[None, :]
+                    else:
+                        a1 += xq * w_j[None, :]
+                if K >= 3:
+                    if o + K - 3 >= 0 and o - 2 <= 0:  # i = 2
+                        w_j = tl.sum(tl.where(kidx[None, :] == o + K - 3, wt, 0.0), axis=1)
+                        if HAS_SEQ:
+                            a2 += tl.where((s_q == s2)[:, None], xq, 0.0) * w_j[None, :]
+                        else:
+                            a2 += xq * w_j[None, :]
+                if K >= 4:
+                    if o + K - 4 >= 0 and o - 3 <= 0:  # i = 3
+                        w_j = tl.sum(tl.where(kidx[None, :] == o + K - 4, wt, 0.0), axis=1)
+                        if HAS_SEQ:
+                            a3 += tl.where((s_q == s3)[:, None], xq, 0.0) * w_j[None, :]
+                        else:
+                            a3 += xq * w_j[None, :]
+            # dx[t] += w[k-1-i] dpre[t+i] [s[t+i] == s[t]]
+            if K >= 2:
+                dy1 = tl.load(dy_base + (t + 1)[:, None] * sdyl + c[None, :] * sdyd,
+                              mask=(t + 1 < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                g = _dsilu_mul(dy1, a1, SILU)
+                if HAS_SEQ:
+                    g = tl.where((s1 == s0)[:, None], g, 0.0)
+                dx += g * tl.sum(tl.where(kidx[None, :] == K - 2, wt, 0.0), axis=1)[None, :]
+            if K >= 3:
+                dy2 = tl.load(dy_base + (t + 2)[:, None] * sdyl + c[None, :] * sdyd,
+                              mask=(t + 2 < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                g = _dsilu_mul(dy2, a2, SILU)
+                if HAS_SEQ:
+                    g = tl.where((s2 == s0)[:, None], g, 0.0)
+                dx += g * tl.sum(tl.where(kidx[None, :] == K - 3, wt, 0.0), axis=1)[None, :]
+            if K >= 4:
+                dy3 = tl.load(dy_base + (t + 3)[:, None] * sdyl + c[None, :] * sdyd,
+                              mask=(t + 3 < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                g = _dsilu_mul(dy3, a3, SILU)
+                if HAS_SEQ:
+                    g = tl.where((s3 == s0)[:, None], g, 0.0)
+                dx += g * tl.sum(tl.where(kidx[None, :] == K - 4, wt, 0.0), axis=1)[None, :]
+        else:
+            # ---- plain path for k > 4: dw from the shift-0 tiles, then each shift recomputed.
+            for j in tl.static_range(K):
+                q = t + (j - (K - 1))
+                m = (q >= 0) & (q < L)
+                if HAS_SEQ:
+                    s_q = tl.load(seq_base + q * ssl, mask=m, other=-2)
+                    m = m & (s_q == s0)
+                xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
+                             mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                dw_acc += tl.where(kidx[None, :] == j, tl.sum(dpre0 * xq, axis=0)[:, None], 0.0)
+            for i in tl.static_range(1, K):
+                p = t + i
+                if HAS_SEQ:
+                    s_p = tl.load(seq_base + p * ssl, mask=p < L, other=-3)
+                a = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+                for j in tl.static_range(K):
+                    q = p + (j - (K - 1))
+                    m = (q >= 0) & (q < L)
+                    if HAS_SEQ:
+                        s_q = tl.load(seq_base + q * ssl, mask=m, other=-2)
+                        m = m & (s_q == s_p)
+                    xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
+                                 mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                    a += xq * tl.sum(tl.where(kidx[None, :] == j, wt, 0.0), axis=1)[None, :]
+                dyi = tl.load(dy_base + p[:, None] * sdyl + c[None, :] * sdyd,
+                              mask=(p < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                g = _dsilu_mul(dyi, a, SILU)
+                if HAS_SEQ:
+                    g = tl.where((s_p == s0)[:, None], g, 0.0)
+                dx += g * tl.sum(tl.where(kidx[None, :] == K - 1 - i, wt, 0.0), axis=1)[None, :]
+        tl.store(dx_base + t[:, None] * sdxl + c[None, :] * sdxd,
+                 dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+
+    slot = pid_b * n_chunks + pid_l
+    tl.store(dw_ptr + slot * K * D + kidx[None, :] * D + c[:, None], dw_acc,
+             mask=cmask[:, None] & (kidx[None, :] < K))
+    if HAS_BIAS:
+        tl.store(db_ptr + slot * D + c, db_acc, mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# one-token update (decoding)
+
+
+@triton.jit
+def _conv_update_kernel(
+    x_ptr, state_ptr, w_ptr, b_ptr, y_ptr,
+    D,
+    sxb, sxd, stb, std, stk, swd, swk, syb, syd,
+    K: tl.constexpr, KP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = c < D
+    kidx = tl.arange(0, KP)
+    st_ptrs = state_ptr + pid_b * stb + c[:, None] * std
+    # roll left: new[:, j] = old[:, j+1]; new[:, k-1] = x (cast to the state's dtype, as the
+    # reference's in-place assignment does). Each program owns its (b, channels) slab, so
+    # reading before writing needs no barrier.
+    shifted = tl.load(st_ptrs + (kidx[None, :] + 1) * stk,
+                      mask=cmask[:, None] & (kidx[None, :] + 1 < K), other=0.0)
+    xv = tl.load(x_ptr + pid_b * sxb + c * sxd, mask=cmask, other=0.0).to(shifted.dtype)
+    new = tl.where(kidx[None, :] == K - 1, xv[:, None], shifted)
+    tl.store(st_ptrs + kidx[None, :] * stk, new, mask=cmask[:, None] & (kidx[None, :] < K))
+    wt = tl.load(w_ptr + c[:, None] * swd + kidx[None, :] * swk,
+                 mask=cmask[:, None] & (kidx[None, :] < K), other=0.0).to(tl.float32)
+    y = tl.sum(new.to(tl.float32) * wt, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + pid_b * syb + c * syd, y.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+
+
+def _silu_flag(activation):
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"unknown activation {activation!r}")
+    return activation is not None
+
+
+def _chunk_l(l):
+    # Positions per backward program: large enough that the dw/dbias partials stay small
+    # (b * l / CHUNK_L slots), small enough to fill the GPU. Multiple of every BLOCK_L.
+    if _INTERPRET:
+        return 32
+    return 512 if l >= 4096 else 128
+
+
+def _conv_fwd(x, weight, bias, seq_idx, silu):
+    b, l, d = x.shape
+    k = weight.shape[1]
+    y = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
+    has_seq = seq_idx is not None
+    seq = seq_idx if has_seq else x
+    grid = lambda META: (triton.cdiv(l, META["BLOCK_L"]), triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq, y,
+        l, d,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+        seq.stride(0) if has_seq else 0, seq.stride(1) if has_seq else 0,
+        y.stride(0), y.stride(1), y.stride(2),
+        K=k, KP=triton.next_power_of_2(k),
+        HAS_BIAS=bias is not None, HAS_SEQ=has_seq, SILU=silu,
+    )
+    return y
+
+
+def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
+    b, l, d = x.shape
+    k = weight.shape[1]
+    chunk = _chunk_l(l)
+    n_chunks = triton.cdiv(l, chunk)
+    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
+    dw_part = torch.empty((b * n_chunks, k, d), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((b * n_chunks, d), device=x.device, dtype=torch.float32) if bias is not None else dw_part
+    has_seq = seq_idx is not None
+    seq = seq_idx if has_seq else x
+    grid = lambda META: (n_chunks, triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
+    _conv_bwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq, dy, dx, dw_part, db_part,
+        l, d, n_chunks,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+        seq.stride(0) if has_seq else 0, seq.stride(1) if has_seq else 0,
+        dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
+        K=k, KP=triton.next_power_of_2(k),
+        HAS_BIAS=bias is not None, HAS_SEQ=has_seq, SILU=silu, CHUNK_L=chunk,
+    )
+    dw = dw_part.sum(0).t().to(weight.dtype)  # (d, k)
+    db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
+class CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, silu):
+        if seq_idx is not None:
+            seq_idx = seq_idx.to(torch.int32).contiguous()
+        y = _conv_fwd(x, weight, bias, seq_idx, silu)
+        ctx.save_for_backward(x, weight, bias, seq_idx)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, seq_idx = ctx.saved_tensors
+        dx, dw, db = _conv_bwd(x, weight, bias, seq_idx, dy, ctx.silu)
+        return dx, dw, db, None, None
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu"):
+    """x (b, l, d); weight (d, k); bias (d,); seq_idx (b, l). Returns (b, l, d) in x's dtype.
+
+    Same function as `causal_conv1d_ref`, differentiable in x, weight and bias.
+    """
+    silu = _silu_flag(activation)
+    if weight.dim() == 3:  # nn.Conv1d's (d, 1, k)
+        weight = weight.squeeze(1)
+    return CausalConv1dFn.apply(x, weight, bias, seq_idx, silu)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
+    """One token for the whole batch in one launch: x (b, d); conv_state (b, d, k), updated in
+    place (roll left, append x). Returns (b, d) in x's dtype."""
+    silu = _silu_flag(activation)
+    if weight.dim() == 3:
+        weight = weight.squeeze(1)
+    b, d = x.shape
+    k = weight.shape[1]
+    assert conv_state.shape == (b, d, k), (conv_state.shape, (b, d, k))
+    y = torch.empty((b, d), device=x.device, dtype=x.dtype)
+    block_d = 16 if _INTERPRET else 256
+    _conv_update_kernel[(b, triton.cdiv(d, block_d))](
+        x, conv_state, weight, bias if bias is not None else weight, y,
+        d,
+        x.stride(0), x.stride(1), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
+        weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=block_d,
+        num_warps=1 if _INTERPRET else 4,
+    )
+    return y
