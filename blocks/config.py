@@ -114,7 +114,7 @@ class Config:
         return [f for f in dataclasses.fields(cls) if f.init]
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], d_model: int, path: str = ""):
+    def from_dict(cls, data: Mapping[str, Any], d_model: int, path: str = "", cross_check: bool = True):
         if not isinstance(data, Mapping):
             raise ConfigError(path, f"must be a mapping of settings, got {type(data).__name__}")
         known = {f.name: f for f in cls.fields()}
@@ -126,7 +126,8 @@ class Config:
             f = known[key]
             kwargs[key] = check_value(join_path(path, key), value, _resolve_type(cls, f), f.metadata)
         cfg = cls(**kwargs)
-        cfg.validate(d_model, path)
+        if cross_check:
+            cfg.validate(d_model, path)
         return cfg
 
     @classmethod

@@ -15,7 +15,9 @@ def compress_pattern(pattern: str) -> str:
     for period in range(1, n // 2 + 1):
         if n % period == 0 and pattern[:period] * (n // period) == pattern:
             unit = _runs(pattern[:period])
-            return f"({unit})*{n // period}" if n // period > 1 else unit
+            if n // period == 1:
+                return unit
+            return f"{unit}*{n // period}" if period == 1 else f"({unit})*{n // period}"
     return _runs(pattern)
 
 

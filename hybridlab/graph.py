@@ -252,7 +252,8 @@ def _parse(data) -> Arch:
         raise ConfigError("defaults", "must map block names to settings, e.g. {sal: {capacity: 0.15}}")
     for block, settings in defaults.items():
         spec = get_block(block, join_path("defaults", str(block)))
-        spec.config_cls.from_dict(settings or {}, d, join_path("defaults", block))
+        # keys, types and ranges here; checks against d_model where a layer uses them
+        spec.config_cls.from_dict(settings or {}, d, join_path("defaults", block), cross_check=False)
 
     if "layers" in data and "pattern" in data:
         raise ConfigError("pattern", "give either 'layers' or 'pattern', not both")

@@ -62,7 +62,7 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     out_dtype = x.dtype
-    Q = chunk_size
+    Q = min(chunk_size, l)  # a sequence shorter than a chunk is one chunk: no padded work
     dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     xf, Bf, Cf = x.float(), B.float(), C.float()
 
@@ -94,13 +94,13 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
         keep = keep & (sc[:, :, :, None] == sc[:, :, None, :])[..., None]
     decay = torch.exp(seg.masked_fill(~keep, float("-inf")))
     CB = torch.einsum("bcthn,bcshn->bctsh", Ch, Bh)
-    y = torch.einsum("bctsh,bcsh,bcshp->bcthp", CB * decay, dtc, xc)
+    y = torch.einsum("bctsh,bcshp->bcthp", CB * decay * dtc[:, :, None], xc)
 
     # Each chunk's own contribution to the state at its last token.
     decay_to_end = torch.exp(dA_cs[:, :, -1:, :] - dA_cs)  # (b, nc, Q, h)
     if seq_idx is not None:
         decay_to_end = decay_to_end * (sc == sc[:, :, -1:])[..., None]
-    chunk_states = torch.einsum("bcsh,bcsh,bcshp,bcshn->bchpn", decay_to_end, dtc, xc, Bh)
+    chunk_states = torch.einsum("bcshp,bcshn->bchpn", (decay_to_end * dtc)[..., None] * xc, Bh)
 
     # Inter-chunk recurrence over nc chunks (short: L / Q steps).
     state = (torch.zeros(b, h, p, n, device=x.device, dtype=torch.float32)
@@ -121,7 +121,7 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
     if seq_idx is not None:
         prev_ids = torch.cat([sc[:, :1, :1], sc[:, :-1, -1:]], dim=1)  # (b, nc, 1)
         state_decay = state_decay * (sc == prev_ids)[..., None]
-    y = y + torch.einsum("bcthn,bchpn,bcth->bcthp", Ch, prev, state_decay)
+    y = y + torch.einsum("bcthn,bchpn->bcthp", Ch * state_decay[..., None], prev)
 
     y = y.reshape(b, nc * Q, h, p)[:, :l]
     y = _skip_and_gate(y, xf[:, :l], D, z).to(out_dtype)

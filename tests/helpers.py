@@ -1,0 +1,32 @@
+"""Small shared helpers for tests."""
+import torch
+
+from hybridlab.blocks import REGISTRY
+
+# Tiny settings per block type, so every block runs in milliseconds on the CPU.
+TINY = {
+    "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 8},
+    "sal": {"head_dim": 8, "window": 6},
+    "attention": {"head_dim": 8},
+    "swa": {"head_dim": 8, "window": 5},
+    "mlp": {},
+}
+D_MODEL = 32
+
+
+def tiny_block(name, d_model=D_MODEL, n_layers=2, **overrides):
+    spec = REGISTRY[name]
+    cfg = spec.config_cls.from_dict({**TINY[name], **overrides}, d_model)
+    return spec.module_cls(cfg, d_model, n_layers)
+
+
+def open_sal_gate(block, scale=3.0):
+    """Make a SAL's untrained gate select about half the tokens (its init aims at C)."""
+    with torch.no_grad():
+        block.gate.weight.normal_(0, scale)
+        block.gate.bias.zero_()
+    return block
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()

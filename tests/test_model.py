@@ -1,0 +1,80 @@
+"""HybridLM: whole-model decoding, auxiliary losses, saving."""
+import torch
+
+from hybridlab.graph import load_arch, parse_arch
+from hybridlab.model import HybridLM, cache_bytes
+from tests.helpers import open_sal_gate
+
+TINY_TAIPAN = {
+    "name": "t", "d_model": 32, "vocab_size": 50,
+    "defaults": {"mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 8},
+                 "sal": {"head_dim": 8, "window": 7}},
+    "pattern": "(M*3 S)*2",
+}
+
+
+def taipan(**sal):
+    data = dict(TINY_TAIPAN)
+    data["defaults"] = {**data["defaults"], "sal": {**data["defaults"]["sal"], **sal}}
+    model = HybridLM(parse_arch(data))
+    for layer in model.layers:
+        if layer.__class__.__name__ == "SALBlock":
+            open_sal_gate(layer, scale=1.0)
+    return model.eval()
+
+
+def check_decode(model, L=21):
+    idx = torch.randint(0, 50, (2, L))
+    with torch.no_grad():
+        full = model(idx).logits
+        caches = model.allocate_cache(2, L)
+        steps = torch.stack([model.step(idx[:, t], caches) for t in range(L)], dim=1)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+
+
+def test_taipan_decode_equals_forward():
+    check_decode(taipan())
+
+
+def test_taipan_decode_equals_forward_selected_kv_rope():
+    check_decode(taipan(kv="selected", positional="rope"))
+
+
+def test_shipped_tiny_taipan_decodes_like_forward():
+    model = HybridLM(load_arch("experiments/taipan-tiny.yaml")).eval()
+    for layer in model.layers:
+        if layer.__class__.__name__ == "SALBlock":
+            open_sal_gate(layer, scale=1.0)
+    check_decode(model, L=40)
+
+
+def test_taipan_cache_does_not_grow_with_context():
+    model = taipan()
+    assert cache_bytes(model.allocate_cache(1, 1024)) == cache_bytes(model.allocate_cache(1, 1 << 20))
+
+
+def test_aux_losses_summed_over_sals_and_reported_per_layer():
+    model = taipan().train()
+    idx = torch.randint(0, 50, (2, 16))
+    out = model(idx, idx)
+    budgets = {k: v for k, v in out.metrics.items() if k.endswith("/budget_loss")}
+    assert sorted(budgets) == ["layers.3.sal/budget_loss", "layers.7.sal/budget_loss"]
+    assert torch.allclose(out.aux_loss, sum(budgets.values()))
+    assert torch.allclose(out.loss, out.ce_loss + out.aux_loss)
+    assert {k for k in out.metrics if k.endswith("selected_frac")} == {
+        "layers.3.sal/selected_frac", "layers.7.sal/selected_frac"}
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_untied_head_and_safetensors_roundtrip(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    arch = parse_arch({**TINY_TAIPAN, "tie_embeddings": False})
+    model = HybridLM(arch)
+    assert model.head is not None
+    save_model(model, str(tmp_path / "m.safetensors"))
+    other = HybridLM(arch)
+    load_model(other, str(tmp_path / "m.safetensors"))
+    idx = torch.randint(0, 50, (1, 10))
+    torch.testing.assert_close(model.eval()(idx).logits, other.eval()(idx).logits)

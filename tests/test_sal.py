@@ -1,0 +1,113 @@
+"""The Selective Attention Layer against taipan-spec.md: selection, refinement, budget loss."""
+import pytest
+import torch
+
+from hybridlab.blocks import Aux
+from tests.helpers import D_MODEL, open_sal_gate, tiny_block
+
+
+def test_straight_through_gradient_reaches_gate():
+    block = open_sal_gate(tiny_block("sal")).train()
+    h = torch.randn(2, 17, D_MODEL)
+    o = torch.randn(2, 17, D_MODEL)
+    s = torch.randn(2, 17, 2, requires_grad=True)
+
+    def grad_of_s(detach_m):
+        torch.manual_seed(3)
+        m = block.select(s)
+        assert set(m.unique().tolist()) <= {0.0, 1.0}  # forward is hard 0/1
+        if detach_m:
+            m = m.detach()
+        out = block.refine(h, o, s, m, m.detach() > 0.5)
+        (g,) = torch.autograd.grad((out * o).sum(), s)
+        return g
+
+    with_st, without_st = grad_of_s(False), grad_of_s(True)
+    assert with_st.abs().sum() > 0
+    assert (with_st - without_st).abs().max() > 1e-4  # the hard m carries its own gradient
+
+
+def test_gate_gets_gradient_from_lm_side_without_budget_loss():
+    block = open_sal_gate(tiny_block("sal", budget_weight=0.0)).train()
+    x = torch.randn(2, 16, D_MODEL)
+    block(x, Aux()).pow(2).sum().backward()
+    assert block.gate.weight.grad is not None and block.gate.weight.grad.abs().sum() > 0
+
+
+def test_budget_loss_matches_eq7():
+    C, lam = 0.25, 0.7
+    block = tiny_block("sal", capacity=C, budget_weight=lam).train()
+    m = torch.zeros(3, 20)
+    m[0, :5] = 1  # 0.25 selected
+    m[1, :12] = 1  # 0.60
+    m[2, :1] = 1  # 0.05
+    block.select = lambda s: m  # fix the selection, Eq. 7 is then arithmetic
+    aux = Aux(scope="sal0")
+    block(torch.randn(3, 20, D_MODEL), aux)
+    expected = ((C - 0.25) ** 2 + (C - 0.60) ** 2 + (C - 0.05) ** 2) / 3
+    assert aux.losses["sal0/budget_loss"].item() == pytest.approx(lam * expected, rel=1e-6)
+    assert aux.metrics["sal0/selected_frac"].item() == pytest.approx((0.25 + 0.6 + 0.05) / 3)
+
+
+@pytest.mark.parametrize("capacity", [0.1, 0.5, 0.85])
+def test_selected_share_follows_capacity_under_budget_loss(capacity):
+    """Train only the gate, only on Eq. 7: the sampled share must move to C."""
+    torch.manual_seed(0)
+    block = tiny_block("sal", capacity=capacity).train()
+    with torch.no_grad():  # start far from C: about half selected
+        block.gate.bias.zero_()
+    opt = torch.optim.Adam(block.gate.parameters(), lr=0.05)
+    x = torch.randn(4, 64, D_MODEL)
+    for _ in range(150):
+        aux = Aux()
+        block(x, aux)
+        opt.zero_grad()
+        aux.total_loss().backward()
+        opt.step()
+    shares = []
+    for _ in range(5):
+        aux = Aux()
+        with torch.no_grad():
+            block(x, aux)
+        shares.append(aux.metrics["block/selected_frac"].item())
+    assert abs(sum(shares) / len(shares) - capacity) < 0.06
+
+
+def test_gate_init_aims_at_capacity():
+    block = tiny_block("sal", capacity=0.2).train()
+    x = torch.randn(8, 256, D_MODEL)
+    aux = Aux()
+    with torch.no_grad():
+        block(x, aux)
+    assert abs(aux.metrics["block/selected_frac"].item() - 0.2) < 0.05
+
+
+def test_eval_selection_is_deterministic_threshold():
+    block = open_sal_gate(tiny_block("sal")).eval()
+    x = torch.randn(2, 15, D_MODEL)
+    s = block.gate(block.norm(x))
+    m = block.select(s)
+    assert torch.equal(m, (s[..., 1] > s[..., 0]).float())
+    torch.testing.assert_close(block(x), block(x), atol=0, rtol=0)
+
+
+def test_unselected_tokens_only_get_the_swiglu():
+    block = tiny_block("sal").eval()
+    with torch.no_grad():
+        block.gate.bias.copy_(torch.tensor([50.0, -50.0]))  # select nothing
+    x = torch.randn(2, 13, D_MODEL)
+    expected = x + block.mlp(block.mlp_norm(x))
+    torch.testing.assert_close(block(x), expected)
+
+
+def test_selected_token_is_interpolated_with_attention_output():
+    block = tiny_block("sal").eval()
+    with torch.no_grad():
+        block.gate.weight.zero_()
+        block.gate.bias.copy_(torch.tensor([0.0, 2.0]))  # select everything, a = sigmoid(2)
+    x = torch.randn(1, 9, D_MODEL)
+    u = block.norm(x)
+    o = block.attn(u, q_mask=torch.ones(1, 9, dtype=torch.bool))
+    a = torch.sigmoid(torch.tensor(2.0))
+    h = (1 - a) * x + a * o  # Eq. 5
+    torch.testing.assert_close(block(x), h + block.mlp(block.mlp_norm(h)), atol=1e-5, rtol=1e-5)
