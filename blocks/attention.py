@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hybridlab.kernels import selective_attention, selective_attention_decode
+from hybridlab.kernels import attention_by_position_ref, selective_attention, selective_attention_decode
 
 from .base import Block, BlockConfigMixin, avg_causal_context
 from .common import RMSNorm, apply_rope, init_linear, rope_angles
@@ -67,6 +67,46 @@ class SelfAttention(nn.Module):
             "pos": torch.zeros(batch, device=device, dtype=torch.long),  # tokens seen
             "written": torch.zeros(batch, device=device, dtype=torch.long),  # tokens cached
         }
+
+    def prefill(self, x, cache, q_mask=None, write=None):
+        """Continue from `cache` with a chunk x (B, T, d) -> (B, T, d); appends the chunk's K/V.
+
+        `q_mask` (B, T): queries that attend (others output zeros); `write` (B, T): tokens whose
+        K/V enter the cache and are visible as keys (None: all). Same result as `forward` over
+        the whole sequence, computed chunk by chunk with memory bounded by the cache.
+        """
+        b, T, _ = x.shape
+        positions = cache["pos"][:, None] + torch.arange(T, device=x.device)  # (B, T)
+        q, k, v = self._qkv(x, positions)
+        keep = torch.ones(b, T, dtype=torch.bool, device=x.device) if write is None else write
+        k_all = torch.cat([cache["k"], k], dim=1)  # (B, S + T, Hkv, D)
+        v_all = torch.cat([cache["v"], v], dim=1)
+        k_pos = torch.cat([cache["slot_pos"], positions], dim=1)
+        k_valid = torch.cat([cache["slot_pos"] >= 0, keep], dim=1)[:, None, :].repeat(1, T, 1)
+        # a query always sees itself, also when its K/V is not cached (selected-only mode)
+        S = cache["k"].shape[1]
+        k_valid[:, :, S:] |= torch.eye(T, dtype=torch.bool, device=x.device)
+        o = attention_by_position_ref(q, k_all, v_all, positions, k_pos, k_valid, self.window)
+        if q_mask is not None:
+            o = o * q_mask[:, :, None, None].to(o.dtype)
+        self._append(cache, k, v, positions, keep)
+        cache["pos"] += T
+        return self.wo(o.flatten(-2))
+
+    def _append(self, cache, k, v, positions, keep):
+        """Write a chunk's kept tokens into the cache; a ring (windowed) keeps the newest S."""
+        S = cache["k"].shape[1]
+        for row in range(k.shape[0]):  # rows keep different tokens in selected-only mode
+            idx = keep[row].nonzero().squeeze(1)
+            written, n = int(cache["written"][row]), idx.numel()
+            if self.window is None and written + n > S:
+                raise RuntimeError("attention cache is full: allocate_cache with a larger max_len")
+            idx = idx[max(0, n - S):]  # older ones would be overwritten within this chunk
+            ordinal = written + n - idx.numel() + torch.arange(idx.numel(), device=k.device)
+            cache["k"][row, ordinal % S] = k[row, idx]
+            cache["v"][row, ordinal % S] = v[row, idx]
+            cache["slot_pos"][row, ordinal % S] = positions[row, idx]
+            cache["written"][row] += n
 
     def step(self, x, cache, write=None):
         """x (B, d) -> (B, d) for the next token. `write` (B,) bool: cache this token's K/V
@@ -157,6 +197,9 @@ class _AttentionBlock(Block):
 
     def step(self, x, cache):
         return x + self.attn.step(self.norm(x), cache)
+
+    def prefill(self, x, cache):
+        return x + self.attn.prefill(self.norm(x), cache)
 
 
 @register_block("attention", "A", AttentionConfig, "full causal multi-head attention (RoPE, GQA), pre-norm residual")

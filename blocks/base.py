@@ -55,6 +55,9 @@ class Block(nn.Module):
     forward(x (B, L, d), aux) -> (B, L, d)
     allocate_cache(batch, max_len, device, dtype) -> dict of tensors
     step(x_t (B, d), cache) -> (B, d), advancing the cache by one token
+    prefill(x (B, T, d), cache) -> (B, T, d), advancing the cache by a chunk of T tokens
+
+    Inference (`step`, `prefill`) selects deterministically; both equal `forward` in eval mode.
     """
 
     def __init__(self, cfg, d_model: int, n_layers: int):
@@ -65,6 +68,9 @@ class Block(nn.Module):
         raise NotImplementedError
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         raise NotImplementedError
 
 

@@ -143,6 +143,29 @@ class Mamba2Block(Block):
                                dtype=torch.float32),
         }
 
+    def prefill(self, h, cache):
+        """A chunk (B, T, d) continuing from `cache` (conv window and SSM state), updating it."""
+        cfg = self.cfg
+        b, T, _ = h.shape
+        k = cfg.d_conv
+        z, xBC, dt = torch.split(self.in_proj(self.norm(h)), self.split, dim=-1)
+        history = torch.cat([cache["conv"].transpose(1, 2).to(xBC.dtype), xBC], dim=1)  # (B, k + T, conv_dim)
+        cache["conv"].copy_(history[:, -k:].transpose(1, 2))
+        # the conv sees the last k - 1 cached inputs before the chunk, then drops those outputs
+        xBC = causal_conv1d(history[:, 1:], self.conv1d.weight[:, 0, :], self.conv1d.bias)[:, k - 1:]
+        x, B, C = self._ssd_inputs(xBC)
+        y, final = ssd_chunked(
+            x.reshape(b, T, self.nheads, cfg.headdim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(b, T, cfg.ngroups, cfg.d_state), C.reshape(b, T, cfg.ngroups, cfg.d_state),
+            chunk_size=cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            initial_states=cache["ssm"], return_final_states=True,
+        )
+        cache["ssm"].copy_(final)
+        y = gated_rms_norm(y.reshape(b, T, self.d_inner), z, self.norm_gated, eps=1e-5,
+                           group_size=self.d_inner // cfg.ngroups,
+                           norm_before_gate=cfg.norm_before_gate)
+        return h + self.out_proj(y)
+
     def step(self, h, cache):
         cfg = self.cfg
         b = h.shape[0]

@@ -50,3 +50,6 @@ class MLPBlock(Block):
 
     def step(self, x, cache):
         return x + self.mlp(self.norm(x))
+
+    def prefill(self, x, cache):
+        return self.forward(x)

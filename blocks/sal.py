@@ -145,6 +145,16 @@ class SALBlock(Block):
     def allocate_cache(self, batch, max_len, device=None, dtype=None):
         return self.attn.allocate_cache(batch, max_len, device, dtype)
 
+    def prefill(self, h, cache):
+        """A chunk (B, T, d) continuing from `cache`; deterministic selection, as in `step`."""
+        u = self.norm(h)
+        s = self.gate(u).float()
+        selected = s[..., 1] > s[..., 0]
+        write = selected if self.cfg.kv == "selected" else None
+        o = self.attn.prefill(u, cache, q_mask=selected, write=write)
+        h = self.refine(h, o, s, selected.float(), selected)
+        return h + self.mlp(self.mlp_norm(h))
+
     def step(self, h, cache):
         u = self.norm(h)
         s = self.gate(u).float()  # (B, 2)

@@ -74,6 +74,14 @@ class HybridLM(nn.Module):
         device = device or self.embed.weight.device
         return [block.allocate_cache(batch, max_len, device, dtype) for block in self.layers]
 
+    def prefill(self, idx: torch.Tensor, caches: list[dict], all_logits: bool = False) -> torch.Tensor:
+        """idx (B, T) continuing the cached sequences -> logits (B, V) of the last token, or
+        (B, T, V) with `all_logits`. Long prompts go in chunks: memory stays bounded."""
+        h = self.embed(idx)
+        for block, cache in zip(self.layers, caches):
+            h = block.prefill(h, cache)
+        return self.logits(h if all_logits else h[:, -1])
+
     def step(self, idx: torch.Tensor, caches: list[dict]) -> torch.Tensor:
         """idx (B,) the next token of each sequence -> logits (B, V); advances the caches."""
         h = self.embed(idx)  # (B, d)

@@ -6,6 +6,7 @@ Triton version is tested against. Nothing here imports triton at import time.
 from .conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from .norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
 from .selective_attention import (
+    attention_by_position_ref,
     selective_attention,
     selective_attention_decode,
     selective_attention_decode_ref,
@@ -16,7 +17,7 @@ from .ssd import seq_idx_from_cu_seqlens, ssd_chunked, ssd_chunked_ref, ssd_naiv
 __all__ = [
     "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",
     "gated_rms_norm", "gated_rms_norm_ref", "rms_norm", "rms_norm_ref",
-    "selective_attention", "selective_attention_decode", "selective_attention_decode_ref",
+    "attention_by_position_ref", "selective_attention", "selective_attention_decode", "selective_attention_decode_ref",
     "selective_attention_ref",
     "seq_idx_from_cu_seqlens", "ssd_chunked", "ssd_chunked_ref", "ssd_naive", "ssd_step", "ssd_step_ref",
 ]

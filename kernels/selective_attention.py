@@ -84,3 +84,30 @@ def selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window=None, 
     if impl is not None and hasattr(impl, "selective_attention_decode"):
         return impl.selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window, scale)
     return selective_attention_decode_ref(q, k_cache, v_cache, slot_pos, pos, window, scale)
+
+
+def attention_by_position_ref(q, k, v, q_pos, k_pos, k_valid, window=None, scale=None):
+    """Attention where visibility comes from explicit positions: for prefilling a chunk of
+    queries against a cache (ring-buffer slots in any order) plus the chunk's own keys.
+
+    q (b, T, hq, d); k, v (b, S, hkv, d); q_pos (b, T); k_pos (b, S);
+    k_valid (b, S) bool, or (b, T, S) for a validity per query.
+    Key j is visible to query i iff k_valid[(i,) j], k_pos[j] <= q_pos[i], q_pos[i] - k_pos[j] < window.
+    A query with nothing visible outputs zeros.
+    """
+    b, T, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    rel = q_pos[:, :, None] - k_pos[:, None, :]  # (b, T, S)
+    vis = (k_valid if k_valid.dim() == 3 else k_valid[:, None, :]) & (rel >= 0)
+    if window is not None:
+        vis = vis & (rel < window)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, ., d)
+    if hkv != hq:
+        kt = kt.repeat_interleave(hq // hkv, dim=1)
+        vt = vt.repeat_interleave(hq // hkv, dim=1)
+    empty = ~vis.any(-1)  # (b, T)
+    vis = vis | empty[..., None]  # keep softmax finite; those rows are zeroed below
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=vis[:, None], scale=scale)
+    o = o.transpose(1, 2)
+    return o.masked_fill(empty[:, :, None, None], 0.0)

@@ -78,3 +78,14 @@ def test_untied_head_and_safetensors_roundtrip(tmp_path):
     load_model(other, str(tmp_path / "m.safetensors"))
     idx = torch.randint(0, 50, (1, 10))
     torch.testing.assert_close(model.eval()(idx).logits, other.eval()(idx).logits)
+
+
+def test_model_prefill_in_chunks_equals_forward():
+    model = taipan()
+    idx = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        full = model(idx).logits
+        caches = model.allocate_cache(2, 30)
+        a = model.prefill(idx[:, :13], caches, all_logits=True)
+        b = model.prefill(idx[:, 13:], caches, all_logits=True)
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-4, rtol=1e-4)
