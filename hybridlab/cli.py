@@ -33,6 +33,72 @@ def _cmd_build(args) -> int:
                  device=args.device)
 
 
+def _overrides(args) -> dict:
+    from hybridlab.train_config import parse_override
+
+    out = dict(parse_override(item) for item in (args.set or []))
+    for flag in ("steps", "lr", "batch_size", "seq_len", "seed", "run_name", "runs_dir", "device"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[flag] = value
+    return out
+
+
+def _cmd_train(args) -> int:
+    from hybridlab.train import prepare, train
+
+    run = prepare(args.arch, resume=args.resume, overrides=_overrides(args))
+    train(run)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from hybridlab.evaluate import run_eval
+
+    run_eval(args.checkpoint, out_dir=args.out, batches=args.batches, max_factor=args.max_factor,
+             contexts=args.contexts, device=args.device, time_budget_s=args.time_budget, arch_path=args.arch)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from hybridlab.data import make_dataset
+    from hybridlab.errors import UserError
+    from hybridlab.generate import TextStream, generate
+    from hybridlab.load import load_checkpoint
+
+    lo = load_checkpoint(args.checkpoint, args.device)
+    dataset = make_dataset(lo.data_spec, lo.cfg.seq_len, path="training.data", base_dir=lo.base_dir)
+    ids = dataset.encode(args.prompt)
+    if not ids:
+        raise UserError("--prompt is empty")
+    device = next(lo.model.parameters()).device
+    prompt = torch.tensor([ids], device=device)
+    sys.stdout.write(args.prompt)
+    stream = TextStream(lambda new: dataset.decode(new))
+    generate(lo.model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+             seed=args.seed, on_token=stream)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    if args.what == "model":
+        from hybridlab.bench_model import bench_model
+
+        if not args.arch:
+            from hybridlab.errors import UserError
+
+            raise UserError("bench model needs an architecture YAML")
+        bench_model(args.arch, batch=args.batch, seq_len=args.seq_len, contexts=args.contexts,
+                    steps=args.steps, json_path=args.json, device=args.device)
+        return 0
+    from hybridlab.bench_kernels import bench
+
+    return bench(args.what, json_path=args.json)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridlab", description="Hybrid SSM/attention language models from YAML graphs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -47,6 +113,53 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-forward", action="store_true", help="skip building weights and the test forward")
     s.add_argument("--device", default=None, help="device for the test forward (default: cuda if present)")
     s.set_defaults(func=_cmd_build)
+
+    s = sub.add_parser("train", help="train an architecture on its `training:` section (or resume a run)")
+    s.add_argument("arch", nargs="?", help="architecture YAML with a training section")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly where it stopped")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting (repeatable)")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--batch-size", type=int, dest="batch_size")
+    s.add_argument("--seq-len", type=int, dest="seq_len")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--run-name", dest="run_name")
+    s.add_argument("--runs-dir", dest="runs_dir")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("eval", help="perplexity, recall accuracy, perplexity vs context length, inference cost")
+    s.add_argument("checkpoint", help="a run folder or a checkpoint folder")
+    s.add_argument("--arch", help="check the checkpoint is of this architecture YAML")
+    s.add_argument("--batches", type=int, default=20, help="validation batches (default 20)")
+    s.add_argument("--max-factor", type=int, default=64, help="longest context as a multiple of the training length")
+    s.add_argument("--contexts", default="1K,4K,16K", help="contexts for decode timing, e.g. 1K,64K,1M")
+    s.add_argument("--time-budget", type=float, default=300.0, help="seconds per sweep of lengths")
+    s.add_argument("--out", help="folder for eval.json and the plot (default RUN/eval/step_N)")
+    s.add_argument("--device")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("generate", help="sample text from a checkpoint with cached decoding, streamed")
+    s.add_argument("checkpoint")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--device")
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("bench", help="benchmarks: model (training and decoding), kernels, attention")
+    s.add_argument("what", choices=("model", "kernels", "attention"))
+    s.add_argument("arch", nargs="?", help="architecture YAML (bench model)")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--seq-len", type=int, default=4096, dest="seq_len")
+    s.add_argument("--steps", type=int, default=10, help="timed training steps")
+    s.add_argument("--contexts", default="1K,8K,32K,128K,1M", help="decode contexts")
+    s.add_argument("--json", help="also write the results here")
+    s.add_argument("--device")
+    s.set_defaults(func=_cmd_bench)
     return p
 
 
@@ -56,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from hybridlab.errors import ConfigError, UserError
+    from hybridlab.errors import ConfigError, TrainingDiverged, UserError
 
     try:
         return int(args.func(args) or 0)
+    except TrainingDiverged as e:
+        print(f"hybridlab {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except (ConfigError, UserError) as e:
         print(f"hybridlab {args.command}: error: {e}", file=sys.stderr)
         return 2

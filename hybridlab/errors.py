@@ -8,3 +8,7 @@ __all__ = ["ConfigError", "UserError"]
 
 class UserError(RuntimeError):
     """Bad input other than a YAML key (a missing file, a broken checkpoint): one line."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -29,7 +29,7 @@ from hybridlab.blocks import REGISTRY, block_for_code, get_block
 from hybridlab.blocks.config import Config, ConfigError, field, join_path, suggest
 
 TOP_LEVEL = ("name", "description", "d_model", "vocab_size", "tie_embeddings", "norm_eps",
-             "init_std", "defaults", "layers", "pattern")
+             "init_std", "defaults", "layers", "pattern", "training")  # training: see train_config.py
 LAYER_KEYS = ("block", "repeat", "name", "share")
 
 

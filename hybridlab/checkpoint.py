@@ -1,0 +1,134 @@
+"""Checkpoints that are never half-written.
+
+A checkpoint is a folder `checkpoints/step_000500/` holding `model.safetensors`, `state.pt`
+(optimizer, scheduler, RNG, data position), `config.yaml` and `manifest.json` (size and sha256
+of each file). It is written under a temporary name, fsynced, then renamed: a rename is atomic,
+so a folder with a final name is complete. `latest` names the newest one, replaced the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, train_state: dict, config_yaml: str,
+                    keep: int = 2) -> Path:
+    import torch
+    from safetensors.torch import save_model
+
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(train_state, tmp / "state.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(ckpt_root)
+    write_atomic(ckpt_root / "latest", name + "\n")
+    for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve(path: str | Path) -> Path:
+    """A run folder, its `checkpoints/` folder, or one checkpoint folder -> the checkpoint folder."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such checkpoint or run folder")
+    if (p / MANIFEST).exists() or (p / "model.safetensors").exists():
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    latest = root / "latest"
+    if latest.exists():
+        name = latest.read_text().strip()
+        if (root / name).is_dir():
+            return root / name
+    steps = sorted(q for q in root.glob("step_*") if q.is_dir())
+    if not steps:
+        raise UserError(f"{p}: holds no checkpoint (expected checkpoints/step_*/)")
+    return steps[-1]
+
+
+def verify(ckpt: Path) -> dict:
+    """Check every file against the manifest; a broken checkpoint gets a clear UserError."""
+    mpath = ckpt / MANIFEST
+    if not mpath.exists():
+        raise UserError(f"{ckpt}: broken checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError):
+        raise UserError(f"{ckpt}: broken checkpoint: {MANIFEST} is not readable") from None
+    for name, meta in files.items():
+        f = ckpt / name
+        if not f.exists():
+            raise UserError(f"{ckpt}: broken checkpoint: {name} is missing")
+        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            raise UserError(f"{ckpt}: broken checkpoint: {name} does not match its manifest "
+                            "(truncated or modified)")
+    return manifest
+
+
+def load_weights(model, ckpt: Path) -> None:
+    from safetensors.torch import load_model
+
+    try:
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    except Exception as e:  # shape mismatch or unreadable file
+        raise UserError(f"{ckpt}: weights do not fit this architecture: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        what = (f"missing {sorted(missing)[:3]}" if missing else "") + \
+               (f" unexpected {sorted(unexpected)[:3]}" if unexpected else "")
+        raise UserError(f"{ckpt}: weights are from another architecture ({what.strip()})")
+
+
+def load_state(ckpt: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{ckpt}: broken checkpoint: state.pt unreadable ({type(e).__name__})") from None

@@ -1,0 +1,251 @@
+"""Evaluation: validation loss/perplexity, recall accuracy, perplexity against context length,
+and inference cost (prefill tokens/s, decode ms/token, peak memory, cache bytes)."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _loss_and_hits(logits, targets):
+    """Summed CE and correct argmax over positions with a target (targets != -100)."""
+    mask = targets != -100
+    flat_logits = logits.float().flatten(0, 1)
+    ce = F.cross_entropy(flat_logits, targets.flatten(), ignore_index=-100, reduction="sum")
+    hits = ((logits.argmax(-1) == targets) & mask).sum()
+    return ce.item(), hits.item(), mask.sum().item()
+
+
+@torch.no_grad()
+def group_metrics(model, batches, device, amp=None) -> dict:
+    loss, hits, count = 0.0, 0, 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(inputs).logits
+        l, h, c = _loss_and_hits(logits, targets)
+        loss, hits, count = loss + l, hits + h, count + c
+    count = max(count, 1)
+    return {"loss": loss / count, "acc": hits / count, "tokens": count}
+
+
+@torch.no_grad()
+def validation_metrics(model, dataset, batch_size: int, max_batches: int, device, amp=None) -> dict:
+    """val/loss and val/ppl on the held-out set; for synthetic tasks also accuracy on the
+    answer positions per difficulty group (val/acc/<group>) and their mean (val/acc)."""
+    was_training = model.training
+    model.eval()
+    main = group_metrics(model, dataset.eval_batches(batch_size, max_batches), device, amp)
+    # (for tasks, eval_batches is also one of eval_groups: evaluated twice, cheap at these sizes)
+    out = {"val/loss": main["loss"], "val/ppl": math.exp(min(main["loss"], 50.0))}
+    if dataset.kind == "task":
+        accs = {}
+        for name, make in dataset.eval_groups().items():
+            accs[name] = group_metrics(model, make(batch_size, max_batches), device, amp)["acc"]
+            out[f"val/acc/{name}"] = accs[name]
+        out["val/acc"] = sum(accs.values()) / max(len(accs), 1)
+    model.train(was_training)
+    return out
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+@torch.no_grad()
+def perplexity_vs_context(model, dataset, train_len: int, factors=(1, 2, 4, 8, 16, 32, 64),
+                          n_sequences: int = 2, device=None, amp=None, time_budget_s: float = 300.0,
+                          chunk: int | None = None) -> list[dict]:
+    """Perplexity (and, for recall tasks, answer accuracy) of held-out sequences 1x ... 64x the
+    training length, fed in chunks through the decoding caches, so memory is bounded by the
+    chunk as far as the architecture allows (full attention's cache still grows).
+
+    ppl: over all scored tokens of the sequence; ppl_tail: over its last `train_len` positions,
+    the ones with the longest context. Stops at the first length out of memory or time.
+    """
+    model.eval()
+    device = device or next(model.parameters()).device
+    chunk = chunk or train_len
+    rows, t_start = [], time.perf_counter()
+    for f in factors:
+        L = train_len * f
+        try:
+            inputs, targets = (t.to(device) for t in dataset.long_examples(L, n_sequences))  # (n, L)
+            nll = torch.zeros(n_sequences, L, device=device)
+            hits = torch.zeros(n_sequences, L, dtype=torch.bool, device=device)
+            caches = model.allocate_cache(n_sequences, L)
+            for s in range(0, L, chunk):
+                e = min(s + chunk, L)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits = model.prefill(inputs[:, s:e], caches, all_logits=True)
+                tgt = targets[:, s:e]
+                nll[:, s:e] = F.cross_entropy(logits.float().transpose(1, 2), tgt, reduction="none",
+                                              ignore_index=-100)
+                hits[:, s:e] = logits.argmax(-1) == tgt
+                if time.perf_counter() - t_start > time_budget_s:
+                    raise TimeoutError
+        except TimeoutError:
+            rows.append({"factor": f, "context": L, "stopped": "time budget"})
+            break
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            rows.append({"factor": f, "context": L, "stopped": "out of memory"})
+            break
+        mask = targets != -100
+        tail = torch.zeros_like(mask)
+        tail[:, -train_len:] = True
+        row = {"factor": f, "context": L,
+               "ppl": math.exp(nll[mask].mean().item()),
+               "ppl_tail": math.exp(nll[mask & tail].mean().item()) if (mask & tail).any() else math.nan}
+        if dataset.kind == "task":
+            row["acc"] = hits[mask].float().mean().item()
+        rows.append(row)
+    return rows
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def inference_cost(model, contexts, batch: int = 1, decode_steps: int = 16, device=None,
+                   amp=None, chunk: int = 4096, time_budget_s: float = 300.0) -> list[dict]:
+    """Prefill tokens/s, decode ms/token after `context` tokens, peak memory, cache bytes."""
+    from .model import cache_bytes
+
+    model.eval()
+    device = device or next(model.parameters()).device
+    vocab = model.arch.vocab_size
+    rows, t_start = [], time.perf_counter()
+    for ctx in contexts:
+        if time.perf_counter() - t_start > time_budget_s:
+            rows.append({"context": ctx, "stopped": "time budget"})
+            break
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            caches = model.allocate_cache(batch, ctx + decode_steps + 1)
+            idx = torch.randint(0, vocab, (batch, ctx), device=device)
+            _sync(device)
+            t0 = time.perf_counter()
+            for s in range(0, ctx, chunk):
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits = model.prefill(idx[:, s:s + chunk], caches)
+            _sync(device)
+            prefill_s = time.perf_counter() - t0
+            tok = logits.argmax(-1)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                model.step(tok, caches)  # warm-up
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(decode_steps):
+                    tok = model.step(tok, caches).argmax(-1)
+                _sync(device)
+            decode_ms = 1e3 * (time.perf_counter() - t0) / decode_steps
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            rows.append({"context": ctx, "stopped": "out of memory"})
+            break
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        rows.append({"context": ctx, "prefill_tokens_per_s": batch * ctx / prefill_s,
+                     "decode_ms_per_token": decode_ms, "cache_bytes": cache_bytes(caches),
+                     "peak_memory_bytes": peak})
+    return rows
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'1K,8K,1M' -> [1024, 8192, 1048576]."""
+    from .errors import UserError
+
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        mult = {"K": 1024, "M": 1024 ** 2}.get(part[-1:], 1)
+        try:
+            out.append(int(part[:-1] if mult > 1 else part) * mult)
+        except ValueError:
+            raise UserError(f"bad length {part!r}: use numbers like 1024, 8K, 1M") from None
+    return out
+
+
+def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_factor: int = 64,
+             contexts: str = "1K,4K,16K", device: str | None = None, time_budget_s: float = 300.0,
+             arch_path: str | None = None) -> dict:
+    """`hybridlab eval CHECKPOINT`: everything above, printed, saved as JSON/PNG and in TensorBoard."""
+    import json
+    from pathlib import Path
+
+    from hybridlab.data import make_dataset
+
+    from .load import load_checkpoint
+    from .plots import plot_ppl_vs_context
+    from .tracking import Tracker
+
+    lo = load_checkpoint(path, device, arch_path)
+    model, cfg = lo.model, lo.cfg
+    dev = next(model.parameters()).device
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    dataset = make_dataset(lo.data_spec, cfg.seq_len, path="training.data", base_dir=lo.base_dir)
+    train_len = dataset.seq_len
+    print(f"{lo.ckpt}: {lo.arch.name}, step {lo.step}, {model.num_params():,} parameters, on {dev}")
+
+    results: dict = {"checkpoint": str(lo.ckpt), "step": lo.step}
+    val = validation_metrics(model, dataset, cfg.batch_size, batches, dev, amp)
+    results["validation"] = val
+    print(f"validation: loss {val['val/loss']:.4f}, perplexity {val['val/ppl']:.3f}")
+    for key, value in val.items():
+        if key.startswith("val/acc/"):
+            print(f"  recall accuracy {key[8:]:<14} {value:.3f}")
+
+    factors = tuple(f for f in (1, 2, 4, 8, 16, 32, 64) if f <= max_factor)
+    curve = perplexity_vs_context(model, dataset, train_len, factors, device=dev, amp=amp,
+                                  time_budget_s=time_budget_s)
+    results["ppl_vs_context"] = curve
+    print("perplexity against context length:")
+    for r in curve:
+        if "ppl" in r:
+            acc = f", answer accuracy {r['acc']:.3f}" if "acc" in r else ""
+            print(f"  {r['context']:>8} ({r['factor']:>2}x): {r['ppl']:.3f} (last {train_len}: {r['ppl_tail']:.3f}){acc}")
+        else:
+            print(f"  {r['context']:>8} ({r['factor']:>2}x): stopped, {r['stopped']}")
+
+    cost = inference_cost(model, parse_lengths(contexts), device=dev, amp=amp, time_budget_s=time_budget_s)
+    results["inference"] = cost
+    print("inference (batch 1):")
+    for r in cost:
+        if "stopped" in r:
+            print(f"  context {r['context']:>8}: stopped, {r['stopped']}")
+            continue
+        peak = f", peak {r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else ""
+        print(f"  context {r['context']:>8}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
+              f"{r['decode_ms_per_token']:.2f} ms/token, cache {r['cache_bytes'] / 2**20:.2f} MiB{peak}")
+
+    out = Path(out_dir) if out_dir else lo.run_dir / "eval" / f"step_{lo.step:07d}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    png = None
+    if any("ppl" in r for r in curve):
+        png = plot_ppl_vs_context(curve, train_len, out / "ppl_vs_context.png", f"{lo.arch.name} @ step {lo.step}")
+    tracker = Tracker(lo.run_dir)
+    tracker.log(lo.step, {f"eval/{k[4:]}": v for k, v in val.items()})
+    for r in curve:
+        if "ppl" in r:
+            tracker.writer.add_scalar("eval/ppl_vs_context", r["ppl"], r["context"])
+            tracker.writer.add_scalar("eval/ppl_tail_vs_context", r["ppl_tail"], r["context"])
+            if "acc" in r:
+                tracker.writer.add_scalar("eval/acc_vs_context", r["acc"], r["context"])
+    for r in cost:
+        if "decode_ms_per_token" in r:
+            tracker.writer.add_scalar("eval/decode_ms_per_token_vs_context", r["decode_ms_per_token"], r["context"])
+            tracker.writer.add_scalar("eval/cache_bytes_vs_context", r["cache_bytes"], r["context"])
+    if png:
+        tracker.image("eval/ppl_vs_context", png, lo.step)
+    tracker.close()
+    print(f"wrote {out / 'eval.json'}" + (f" and {png}" if png else ""))
+    return results

@@ -1,0 +1,105 @@
+"""One TensorBoard run folder per run: scalars, hparams with the same keys for every run,
+and the run's provenance (normalised config, architecture hash, git commit, versions, hardware).
+
+The HParams dashboard takes its columns from one run, so every run logs exactly HPARAM_KEYS and
+METRIC_KEYS; a value that does not apply is 0 / "" for hparams and NaN for metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+HPARAM_KEYS = ("arch", "arch_hash", "pattern", "d_model", "n_layers", "params", "n_sal",
+               "sal_capacity", "sal_window", "sal_kv", "sal_positional", "data", "seq_len",
+               "batch_size", "steps", "lr", "weight_decay", "seed")
+METRIC_KEYS = ("hparam/val_loss", "hparam/val_ppl", "hparam/recall_acc", "hparam/train_loss",
+               "hparam/tokens_per_s")
+
+
+def hparams_for(arch, cfg, data_name: str, n_params: int) -> dict:
+    sals = [layer.config for layer in arch.layers if layer.block == "sal"]
+    first = sals[0] if sals else None
+    return {
+        "arch": arch.name, "arch_hash": arch.arch_hash(), "pattern": arch.pattern(),
+        "d_model": arch.d_model, "n_layers": len(arch.layers), "params": n_params,
+        "n_sal": len(sals),
+        "sal_capacity": first.capacity if first else 0.0,
+        "sal_window": (first.window or 0) if first else 0,
+        "sal_kv": first.kv if first else "",
+        "sal_positional": first.positional if first else "",
+        "data": data_name, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+        "steps": cfg.total_steps(), "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
+    }
+
+
+def provenance() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        info["git_commit"] = commit.stdout.strip() or None
+        info["git_dirty"] = bool(dirty.stdout.strip()) if commit.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+class Tracker:
+    """Scalars to TensorBoard and to `metrics.jsonl` (read by tests and reports)."""
+
+    def __init__(self, run_dir: Path, hparams: dict | None = None, resume_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step drops events a killed run logged after its last checkpoint
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=resume_step)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        if hparams is not None and resume_step is None:
+            self._write_hparams(hparams)
+
+    def _write_hparams(self, hparams: dict) -> None:
+        from torch.utils.tensorboard.summary import hparams as hp_summary
+
+        assert set(hparams) == set(HPARAM_KEYS), sorted(set(hparams) ^ set(HPARAM_KEYS))
+        exp, ssi, sei = hp_summary(hparams, {k: math.nan for k in METRIC_KEYS})
+        for summary in (exp, ssi, sei):
+            self.writer.file_writer.add_summary(summary)
+
+    def log(self, step: int, scalars: dict) -> None:
+        clean = {k: float(v) for k, v in scalars.items()}
+        for key, value in clean.items():
+            self.writer.add_scalar(key, value, step)
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.flush()
+
+    def text(self, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text.replace("\n", "  \n"))
+
+    def image(self, tag: str, png_path: Path, step: int = 0) -> None:
+        import numpy as np
+        from PIL import Image
+
+        self.writer.add_image(tag, np.asarray(Image.open(png_path).convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+        self.jsonl.close()

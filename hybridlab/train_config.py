@@ -1,0 +1,85 @@
+"""The `training:` section of an architecture YAML, and command-line overrides of it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import yaml
+
+from hybridlab.blocks.config import Config, ConfigError, field, join_path
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    seq_len: int = field(256, "tokens per training sequence", ge=2)
+    batch_size: int = field(16, "sequences per optimizer step", ge=1)
+    steps: Optional[int] = field(1000, "optimizer steps (null: derive from tokens)", ge=1, nullable=True)
+    tokens: Optional[int] = field(None, "training tokens; sets steps = tokens / (batch_size * seq_len)",
+                                  ge=1, nullable=True)
+    lr: float = field(5e-4, "peak learning rate (paper: 5e-4)", gt=0)
+    min_lr: float = field(1e-5, "cosine floor (paper: 1e-5)", ge=0)
+    warmup_steps: int = field(100, "linear warm-up steps (paper: 2000)", ge=0)
+    weight_decay: float = field(0.01, "AdamW weight decay on matrices (paper: 0.01)", ge=0)
+    beta1: float = field(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = field(0.95, "AdamW beta2", ge=0, lt=1)
+    grad_clip: float = field(1.0, "clip the global gradient norm (0: off)", ge=0)
+    seed: int = field(0, "seed for init, data and Gumbel noise", ge=0)
+    log_every: int = field(10, "steps between logged scalars", ge=1)
+    eval_every: int = field(200, "steps between validation passes (0: only at the end)", ge=0)
+    eval_batches: int = field(20, "validation batches per pass", ge=1)
+    checkpoint_every: int = field(500, "steps between checkpoints (0: only at the end)", ge=0)
+    keep_checkpoints: int = field(2, "checkpoints kept (oldest removed)", ge=1)
+    precision: str = field("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "bf16", "fp32"))
+    device: str = field("auto", "auto: cuda if present", choices=("auto", "cpu", "cuda"))
+    runs_dir: str = field("runs", "where run folders go")
+    run_name: Optional[str] = field(None, "run folder name (null: <arch name>-<time>)", nullable=True)
+
+    block_name = "training"
+
+    def validate(self, d_model: int = 0, path: str = "") -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(join_path(path, "min_lr"), f"must be <= lr ({self.lr}), got {self.min_lr}")
+
+    def total_steps(self) -> int:
+        if self.tokens is not None:
+            return max(1, self.tokens // (self.batch_size * self.seq_len))
+        return self.steps
+
+    def warmup(self) -> int:
+        return min(self.warmup_steps, max(self.total_steps() - 1, 0))
+
+
+def parse_training(raw: Any, overrides: dict[str, Any] | None = None, source: str | None = None):
+    """-> (TrainConfig, data spec). `raw` is the YAML `training:` mapping (or None)."""
+    try:
+        raw = dict(raw or {})
+        if not isinstance(raw, dict):
+            raise ConfigError("training", "must be a mapping of training settings")
+        for key, value in (overrides or {}).items():
+            raw[key] = value
+        data = raw.pop("data", "default")
+        raw.pop("data_base_dir", None)
+        if "tokens" in raw and raw["tokens"] is not None and "steps" not in (overrides or {}):
+            raw.setdefault("steps", None)
+        cfg = TrainConfig.from_dict(raw, 0, "training")
+        return cfg, data
+    except ConfigError as e:
+        raise e.with_source(source) if source else e
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'lr=1e-3' -> ('lr', 0.001); values are read as YAML ('null', 'true', '[1, 2]')."""
+    if "=" not in text:
+        raise ConfigError("--set", f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if key.startswith("training."):
+        key = key[len("training."):]
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key, value
+
+
+def with_updates(cfg: TrainConfig, **kw) -> TrainConfig:
+    return replace(cfg, **kw)
