@@ -1,0 +1,85 @@
+"""TensorBoard: event files hold the expected tags; a real server lists runs and hparams."""
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hybridlab.tracking import HPARAM_KEYS, METRIC_KEYS
+from hybridlab.train import prepare, train
+from tests.runs_helpers import write_arch
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tb")
+    runs = tmp / "runs"
+    arch = write_arch(tmp, runs, steps=4, eval_every=2, checkpoint_every=0)
+    for name, lr in (("a", 3e-3), ("b", 1e-3)):
+        train(prepare(str(arch), overrides={"run_name": name, "lr": lr}), quiet=True)
+    return runs
+
+
+def test_event_files_hold_expected_tags(two_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(two_runs / "a"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/ppl",
+                "blocks/layers.2.sal/selected_frac", "blocks/layers.2.sal/budget_loss",
+                "hparam/val_loss", "hparam/train_loss"):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "config/text_summary" in acc.Tags()["tensors"] or any("config" in t for t in acc.Tags()["tensors"])
+    meta = json.loads((two_runs / "a" / "meta.json").read_text())
+    assert {"arch_hash", "git_commit", "torch", "python", "params"} <= set(meta)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_server_lists_runs_and_hparams(two_runs):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(two_runs), "--host",
+                             "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        runs = None
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                runs = json.load(urllib.request.urlopen(f"{base}/data/runs", timeout=5))
+                if {"a", "b"} <= set(runs):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert runs is not None and {"a", "b"} <= set(runs), runs
+        req = urllib.request.Request(f"{base}/data/plugin/hparams/experiment",
+                                     data=json.dumps({"experimentName": ""}).encode(),
+                                     headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+        exp = json.load(urllib.request.urlopen(req, timeout=10))
+        names = {h["name"] for h in exp["hparamInfos"]}
+        metrics = {m["name"]["tag"] for m in exp["metricInfos"]}
+        assert names == set(HPARAM_KEYS)
+        assert set(METRIC_KEYS) <= metrics
+        req = urllib.request.Request(f"{base}/data/plugin/hparams/session_groups",
+                                     data=json.dumps({"experimentName": "", "allowedStatuses": [
+                                         "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                                         "colParams": [], "startIndex": 0, "sliceSize": 10}).encode(),
+                                     headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+        groups = json.load(urllib.request.urlopen(req, timeout=10))["sessionGroups"]
+        lrs = sorted(g["hparams"]["lr"] for g in groups)
+        assert lrs == [1e-3, 3e-3]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
