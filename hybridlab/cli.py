@@ -44,9 +44,24 @@ def _overrides(args) -> dict:
     return out
 
 
+def _is_suite(path: str) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path))
+    except (OSError, yaml.YAMLError):
+        return False  # load_arch reports the problem
+    return isinstance(data, dict) and "suite" in data
+
+
 def _cmd_train(args) -> int:
     from hybridlab.train import prepare, train
 
+    if args.arch and not args.resume and _is_suite(args.arch):
+        from hybridlab.suite import run_suite
+
+        run_suite(args.arch)
+        return 0
     run = prepare(args.arch, resume=args.resume, overrides=_overrides(args))
     train(run)
     return 0

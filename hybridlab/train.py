@@ -55,13 +55,18 @@ def prepare(arch_path: str | None = None, resume: str | None = None, overrides: 
         raise UserError("give an architecture YAML, or --resume RUN_DIR")
     arch = load_arch(arch_path)
     raw = yaml.safe_load(Path(arch_path).read_text())
-    cfg, data_spec = parse_training(raw.get("training"), overrides, arch_path)
+    return prepare_new(arch, raw.get("training"), overrides, arch_path, Path(arch_path).resolve().parent)
+
+
+def prepare_new(arch: Arch, training, overrides: dict, source: str, base_dir: Path) -> Run:
+    """A new run of `arch` with a raw `training:` mapping (plus overrides)."""
+    cfg, data_spec = parse_training(training, overrides, source)
     name = cfg.run_name or f"{arch.name}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.runs_dir) / name
     if (run_dir / "checkpoints").exists():
         raise UserError(f"{run_dir}: a run with checkpoints is already there; continue it with "
                         f"`hybridlab train --resume {run_dir}` or pick another run_name")
-    return Run(arch, cfg, data_spec, run_dir, Path(arch_path).resolve().parent, False)
+    return Run(arch, cfg, data_spec, run_dir, base_dir, False)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -26,10 +26,15 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_AUTOTUNE = os.environ.get("HYBRIDLAB_AUTOTUNE", "1") != "0"
+
+
 def _configs(interp, gpu):
-    """One config under the interpreter (autotune with several fails there), a few on the GPU."""
+    """One config under the interpreter (autotune with several fails there), a few on the GPU;
+    HYBRIDLAB_AUTOTUNE=0 keeps only the first GPU config (fast compiles, e.g. for tests)."""
     if _INTERPRET:
         return [triton.Config(interp, num_warps=1)]
+    gpu = gpu if _AUTOTUNE else gpu[:1]
     return [triton.Config(c, num_warps=w) for c, w in gpu]
 
 
@@ -40,8 +45,11 @@ def _configs(interp, gpu):
 @triton.autotune(
     configs=_configs(
         {"BLOCK_L": 16, "BLOCK_D": 16},
-        [({"BLOCK_L": 32, "BLOCK_D": 128}, 4), ({"BLOCK_L": 64, "BLOCK_D": 128}, 4),
-         ({"BLOCK_L": 64, "BLOCK_D": 64}, 4), ({"BLOCK_L": 128, "BLOCK_D": 128}, 8)],
+        # ptxas (sm_90a, k=4): 86 / 80 / 88 / 101 / 168 registers per thread. Fewer registers,
+        # more resident warps: the first config is the default when autotuning is off.
+        [({"BLOCK_L": 16, "BLOCK_D": 128}, 4), ({"BLOCK_L": 8, "BLOCK_D": 256}, 4),
+         ({"BLOCK_L": 16, "BLOCK_D": 256}, 8), ({"BLOCK_L": 32, "BLOCK_D": 128}, 8),
+         ({"BLOCK_L": 32, "BLOCK_D": 128}, 4)],
     ),
     key=["D", "K", "HAS_SEQ"],
 )
@@ -60,10 +68,6 @@ def _conv_fwd_kernel(
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = c < D
-    kidx = tl.arange(0, KP)
-    # (BLOCK_D, KP) taps, loaded once; tap j is pulled out with a masked row sum.
-    wt = tl.load(w_ptr + c[:, None] * swd + kidx[None, :] * swk,
-                 mask=cmask[:, None] & (kidx[None, :] < K), other=0.0).to(tl.float32)
     x_base = x_ptr + pid_b * sxb
     seq_base = seq_ptr + pid_b * ssb
     if HAS_SEQ:
@@ -77,7 +81,7 @@ def _conv_fwd_kernel(
             m = m & (s_q == s_t)
         xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
                      mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        w_j = tl.sum(tl.where(kidx[None, :] == j, wt, 0.0), axis=1)
+        w_j = tl.load(w_ptr + c * swd + j * swk, mask=cmask, other=0.0).to(tl.float32)
         acc += xq * w_j[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -94,18 +98,34 @@ def _conv_fwd_kernel(
 @triton.jit
 def _dsilu_mul(dy, a, SILU: tl.constexpr):
     """dy * silu'(a), silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)."""
+    g = dy
     if SILU:
         s = tl.sigmoid(a)
-        return dy * (s * (1.0 + a * (1.0 - s)))
-    else:
-        return dy
+        g = dy * (s * (1.0 + a * (1.0 - s)))
+    return g
+
+
+@triton.jit
+def _wsel(j: tl.constexpr, w0, w1, w2, w3):
+    """Tap j of the named per-channel weight vectors (compile-time selection; a single return,
+    since returns inside branches become unstructured control flow that TritonGPU rejects)."""
+    w = w3
+    if j == 0:
+        w = w0
+    if j == 1:
+        w = w1
+    if j == 2:
+        w = w2
+    return w
 
 
 @triton.autotune(
     configs=_configs(
         {"BLOCK_L": 16, "BLOCK_D": 16},
-        [({"BLOCK_L": 32, "BLOCK_D": 64}, 4), ({"BLOCK_L": 32, "BLOCK_D": 128}, 4),
-         ({"BLOCK_L": 64, "BLOCK_D": 64}, 4), ({"BLOCK_L": 64, "BLOCK_D": 128}, 8)],
+        # ~7 fp32 tiles live (a0..a3, dpre, dx, x) plus the x/dy loads in flight: ptxas
+        # (sm_90a, k=4, no seq_idx) 121 / 128 / 128 / 255 registers; 8 elements per thread.
+        [({"BLOCK_L": 16, "BLOCK_D": 64}, 8), ({"BLOCK_L": 32, "BLOCK_D": 128}, 16),
+         ({"BLOCK_L": 8, "BLOCK_D": 128}, 4), ({"BLOCK_L": 32, "BLOCK_D": 64}, 4)],
     ),
     key=["D", "K", "HAS_SEQ", "CHUNK_L"],
 )
@@ -123,18 +143,15 @@ def _conv_bwd_kernel(
     (dw_ptr: (b * n_chunks, k, d), db_ptr: (b * n_chunks, d)), summed on the host side:
     deterministic, no atomics.
 
-    K <= 4 takes a path that keeps the k-1 shifted pre-activations in named registers, so each
-    x tile is read 3k-1 times (from cache) instead of k^2 + k times; larger k takes the
-    plain path.
+    K <= 4 takes a path that keeps the taps, the k-1 shifted pre-activations and the dw sums
+    in named registers, so each x tile is read 3k-1 times (from cache) instead of k^2 + k
+    times; larger k takes the plain path.
     """
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2)
     c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = c < D
-    kidx = tl.arange(0, KP)
-    wt = tl.load(w_ptr + c[:, None] * swd + kidx[None, :] * swk,
-                 mask=cmask[:, None] & (kidx[None, :] < K), other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     else:
@@ -144,42 +161,48 @@ def _conv_bwd_kernel(
     dy_base = dy_ptr + pb * sdyb
     dx_base = dx_ptr + pb * sdxb
     seq_base = seq_ptr + pb * ssb
-
-    dw_acc = tl.zeros((BLOCK_D, KP), dtype=tl.float32)
+    slot = pid_b * n_chunks + pid_l
     db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for it in range(CHUNK_L // BLOCK_L):
-        t = pid_l * CHUNK_L + it * BLOCK_L + tl.arange(0, BLOCK_L)
-        tmask = t < L
-        if HAS_SEQ:
-            s0 = tl.load(seq_base + t * ssl, mask=tmask, other=-1)
-        # ---- pre-activation and dpre at t (shift 0)
-        a0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
-        for j in tl.static_range(K):
-            q = t + (j - (K - 1))
-            m = (q >= 0) & (q < L)
-            if HAS_SEQ:
-                s_q = tl.load(seq_base + q * ssl, mask=m, other=-2)
-                m = m & (s_q == s0)
-            xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
-                         mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            a0 += xq * tl.sum(tl.where(kidx[None, :] == j, wt, 0.0), axis=1)[None, :]
-        dy0 = tl.load(dy_base + t[:, None] * sdyl + c[None, :] * sdyd,
-                      mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        dpre0 = _dsilu_mul(dy0, a0, SILU)
-        db_acc += tl.sum(dpre0, axis=0)
-        dx = dpre0 * tl.sum(tl.where(kidx[None, :] == K - 1, wt, 0.0), axis=1)[None, :]
 
-        if K <= 4:
-            # ---- shifts 1..k-1 share each x tile: offsets o = -(k-1)..k-1 read once each.
-            a1 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
-            a2 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
-            a3 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+    if K <= 4:
+        w0 = tl.load(w_ptr + c * swd, mask=cmask, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + c * swd + 1 * swk, mask=cmask & (1 < K), other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + c * swd + 2 * swk, mask=cmask & (2 < K), other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + c * swd + 3 * swk, mask=cmask & (3 < K), other=0.0).to(tl.float32)
+        dw0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dw1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dw2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dw3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for it in range(CHUNK_L // BLOCK_L):
+            t = pid_l * CHUNK_L + it * BLOCK_L + tl.arange(0, BLOCK_L)
+            tmask = t < L
             if HAS_SEQ:
+                s0 = tl.load(seq_base + t * ssl, mask=tmask, other=-1)
                 s1 = tl.load(seq_base + (t + 1) * ssl, mask=t + 1 < L, other=-3)
                 if K >= 3:
                     s2 = tl.load(seq_base + (t + 2) * ssl, mask=t + 2 < L, other=-3)
                 if K >= 4:
                     s3 = tl.load(seq_base + (t + 3) * ssl, mask=t + 3 < L, other=-3)
+            # ---- pre-activation and dpre at t (shift 0)
+            a0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+            for j in tl.static_range(K):
+                q = t + (j - (K - 1))
+                m = (q >= 0) & (q < L)
+                if HAS_SEQ:
+                    s_q = tl.load(seq_base + q * ssl, mask=m, other=-2)
+                    m = m & (s_q == s0)
+                xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
+                             mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                a0 += xq * _wsel(j, w0, w1, w2, w3)[None, :]
+            dy0 = tl.load(dy_base + t[:, None] * sdyl + c[None, :] * sdyd,
+                          mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            dpre0 = _dsilu_mul(dy0, a0, SILU)
+            db_acc += tl.sum(dpre0, axis=0)
+            dx = dpre0 * _wsel(K - 1, w0, w1, w2, w3)[None, :]
+            # ---- shifts 1..k-1 share each x tile: offsets o = -(k-1)..k-1 read once each.
+            a1 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+            a2 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+            a3 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
             for oi in tl.static_range(2 * K - 1):
                 o = oi - (K - 1)
                 q = t + o
@@ -191,28 +214,34 @@ def _conv_bwd_kernel(
                 if o <= 0:
                     # dw[j] += sum_t dpre[t] x[t-(k-1)+j], j = o + k - 1
                     if HAS_SEQ:
-                        xm = tl.where((s_q == s0)[:, None], xq, 0.0)
+                        contrib = tl.sum(dpre0 * tl.where((s_q == s0)[:, None], xq, 0.0), axis=0)
                     else:
-                        xm = xq
-                    dw_acc += tl.where(kidx[None, :] == o + K - 1,
-                                       tl.sum(dpre0 * xm, axis=0)[:, None], 0.0)
+                        contrib = tl.sum(dpre0 * xq, axis=0)
+                    if o + K - 1 == 0:
+                        dw0 += contrib
+                    elif o + K - 1 == 1:
+                        dw1 += contrib
+                    elif o + K - 1 == 2:
+                        dw2 += contrib
+                    else:
+                        dw3 += contrib
                 # a[t+i] gets tap j = o - i + k - 1 from this tile
                 if o + K - 2 >= 0 and o - 1 <= 0:  # i = 1
-                    w_j = tl.sum(tl.where(kidx[None, :] == o + K - 2, wt, 0.0), axis=1)
+                    w_j = _wsel(o + K - 2, w0, w1, w2, w3)
                     if HAS_SEQ:
                         a1 += tl.where((s_q == s1)[:, None], xq, 0.0) * w_j[None, :]
                     else:
                         a1 += xq * w_j[None, :]
                 if K >= 3:
                     if o + K - 3 >= 0 and o - 2 <= 0:  # i = 2
-                        w_j = tl.sum(tl.where(kidx[None, :] == o + K - 3, wt, 0.0), axis=1)
+                        w_j = _wsel(o + K - 3, w0, w1, w2, w3)
                         if HAS_SEQ:
                             a2 += tl.where((s_q == s2)[:, None], xq, 0.0) * w_j[None, :]
                         else:
                             a2 += xq * w_j[None, :]
                 if K >= 4:
                     if o + K - 4 >= 0 and o - 3 <= 0:  # i = 3
-                        w_j = tl.sum(tl.where(kidx[None, :] == o + K - 4, wt, 0.0), axis=1)
+                        w_j = _wsel(o + K - 4, w0, w1, w2, w3)
                         if HAS_SEQ:
                             a3 += tl.where((s_q == s3)[:, None], xq, 0.0) * w_j[None, :]
                         else:
@@ -224,33 +253,44 @@ def _conv_bwd_kernel(
                 g = _dsilu_mul(dy1, a1, SILU)
                 if HAS_SEQ:
                     g = tl.where((s1 == s0)[:, None], g, 0.0)
-                dx += g * tl.sum(tl.where(kidx[None, :] == K - 2, wt, 0.0), axis=1)[None, :]
+                dx += g * _wsel(K - 2, w0, w1, w2, w3)[None, :]
             if K >= 3:
                 dy2 = tl.load(dy_base + (t + 2)[:, None] * sdyl + c[None, :] * sdyd,
                               mask=(t + 2 < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
                 g = _dsilu_mul(dy2, a2, SILU)
                 if HAS_SEQ:
                     g = tl.where((s2 == s0)[:, None], g, 0.0)
-                dx += g * tl.sum(tl.where(kidx[None, :] == K - 3, wt, 0.0), axis=1)[None, :]
+                dx += g * _wsel(K - 3, w0, w1, w2, w3)[None, :]
             if K >= 4:
                 dy3 = tl.load(dy_base + (t + 3)[:, None] * sdyl + c[None, :] * sdyd,
                               mask=(t + 3 < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
                 g = _dsilu_mul(dy3, a3, SILU)
                 if HAS_SEQ:
                     g = tl.where((s3 == s0)[:, None], g, 0.0)
-                dx += g * tl.sum(tl.where(kidx[None, :] == K - 4, wt, 0.0), axis=1)[None, :]
-        else:
-            # ---- plain path for k > 4: dw from the shift-0 tiles, then each shift recomputed.
-            for j in tl.static_range(K):
-                q = t + (j - (K - 1))
-                m = (q >= 0) & (q < L)
-                if HAS_SEQ:
-                    s_q = tl.load(seq_base + q * ssl, mask=m, other=-2)
-                    m = m & (s_q == s0)
-                xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
-                             mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                dw_acc += tl.where(kidx[None, :] == j, tl.sum(dpre0 * xq, axis=0)[:, None], 0.0)
-            for i in tl.static_range(1, K):
+                dx += g * _wsel(K - 4, w0, w1, w2, w3)[None, :]
+            tl.store(dx_base + t[:, None] * sdxl + c[None, :] * sdxd,
+                     dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+        dw_slot = dw_ptr + slot * K * D + c
+        tl.store(dw_slot, dw0, mask=cmask)
+        if K >= 2:
+            tl.store(dw_slot + D, dw1, mask=cmask)
+        if K >= 3:
+            tl.store(dw_slot + 2 * D, dw2, mask=cmask)
+        if K >= 4:
+            tl.store(dw_slot + 3 * D, dw3, mask=cmask)
+    else:
+        # ---- plain path for k > 4: dw from the shift-0 tiles, then each shift recomputed.
+        kidx = tl.arange(0, KP)
+        wt = tl.load(w_ptr + c[:, None] * swd + kidx[None, :] * swk,
+                     mask=cmask[:, None] & (kidx[None, :] < K), other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_D, KP), dtype=tl.float32)
+        for it in range(CHUNK_L // BLOCK_L):
+            t = pid_l * CHUNK_L + it * BLOCK_L + tl.arange(0, BLOCK_L)
+            tmask = t < L
+            if HAS_SEQ:
+                s0 = tl.load(seq_base + t * ssl, mask=tmask, other=-1)
+            dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+            for i in tl.static_range(K):
                 p = t + i
                 if HAS_SEQ:
                     s_p = tl.load(seq_base + p * ssl, mask=p < L, other=-3)
@@ -267,15 +307,24 @@ def _conv_bwd_kernel(
                 dyi = tl.load(dy_base + p[:, None] * sdyl + c[None, :] * sdyd,
                               mask=(p < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
                 g = _dsilu_mul(dyi, a, SILU)
+                if i == 0:
+                    db_acc += tl.sum(g, axis=0)
+                    for j in tl.static_range(K):
+                        q = t + (j - (K - 1))
+                        m = (q >= 0) & (q < L)
+                        if HAS_SEQ:
+                            s_q = tl.load(seq_base + q * ssl, mask=m, other=-2)
+                            m = m & (s_q == s0)
+                        xq = tl.load(x_base + q[:, None] * sxl + c[None, :] * sxd,
+                                     mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                        dw_acc += tl.where(kidx[None, :] == j, tl.sum(g * xq, axis=0)[:, None], 0.0)
                 if HAS_SEQ:
                     g = tl.where((s_p == s0)[:, None], g, 0.0)
                 dx += g * tl.sum(tl.where(kidx[None, :] == K - 1 - i, wt, 0.0), axis=1)[None, :]
-        tl.store(dx_base + t[:, None] * sdxl + c[None, :] * sdxd,
-                 dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
-
-    slot = pid_b * n_chunks + pid_l
-    tl.store(dw_ptr + slot * K * D + kidx[None, :] * D + c[:, None], dw_acc,
-             mask=cmask[:, None] & (kidx[None, :] < K))
+            tl.store(dx_base + t[:, None] * sdxl + c[None, :] * sdxd,
+                     dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+        tl.store(dw_ptr + slot * K * D + kidx[None, :] * D + c[:, None], dw_acc,
+                 mask=cmask[:, None] & (kidx[None, :] < K))
     if HAS_BIAS:
         tl.store(db_ptr + slot * D + c, db_acc, mask=cmask)
 
