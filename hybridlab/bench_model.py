@@ -30,7 +30,7 @@ def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp) -
 
     def one_step():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = model(idx[:, :-1], idx[:, 1:]).loss
+            loss = model(idx[:, :-1], idx[:, 1:], return_logits=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

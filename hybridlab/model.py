@@ -9,13 +9,14 @@ from torch import nn
 
 from hybridlab.blocks import REGISTRY, Aux
 from hybridlab.blocks.common import RMSNorm
+from hybridlab.kernels import linear_cross_entropy
 
 from .graph import Arch
 
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (B, L, V)
+    logits: torch.Tensor | None  # (B, L, V); None when training with return_logits=False
     loss: torch.Tensor | None = None  # ce_loss + aux_loss, what the optimiser minimises
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | float = 0.0
@@ -51,20 +52,32 @@ class HybridLM(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() counts shared ones once
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm_f(h)
-        return F.linear(h, self.embed.weight if self.head is None else self.head.weight)
+        return F.linear(self.norm_f(h), self.head_weight())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
-        """idx (B, L) token ids; targets (B, L) next tokens, -100 to ignore."""
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                return_logits: bool = True) -> LMOutput:
+        """idx (B, L) token ids; targets (B, L) next tokens, -100 to ignore.
+
+        With targets and return_logits=False (training), the head and the loss run chunk by
+        chunk and the (B, L, vocab) logits are never materialised (kernels/cross_entropy.py).
+        """
         aux = Aux()
         h = self.embed(idx)  # (B, L, d)
         for scope, block in zip(self.scopes, self.layers):
             aux.scope = scope
             h = block(h, aux)
-        logits = self.logits(h)
-        out = LMOutput(logits=logits, aux_loss=aux.total_loss(), metrics=aux.metrics)
+        out = LMOutput(logits=None, aux_loss=aux.total_loss(), metrics=aux.metrics)
+        if return_logits or targets is None:
+            out.logits = self.logits(h)
         if targets is not None:
-            out.ce_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            if out.logits is not None:
+                out.ce_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            else:
+                hn = self.norm_f(h)
+                out.ce_loss = linear_cross_entropy(hn.flatten(0, 1), self.head_weight(), targets.flatten())
             out.loss = out.ce_loss + out.aux_loss
         return out
 

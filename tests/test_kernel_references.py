@@ -143,3 +143,21 @@ def test_decode_reference_matches_full():
         kc[:, t % slots], vc[:, t % slots], slot_pos[:, t % slots] = k[:, t], v[:, t], t
         o = selective_attention_decode_ref(q[:, t], kc, vc, slot_pos, torch.full((b,), t), window)
         torch.testing.assert_close(o, full[:, t], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_cross_entropy_equals_reference(dtype):
+    from hybridlab.kernels import linear_cross_entropy, linear_cross_entropy_ref
+
+    n, d, V = 37, 16, 50
+    h = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, d, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, V, (n,))
+    t[::5] = -100  # ignored positions
+    loss = linear_cross_entropy(h, w, t, chunk=8)
+    ref = linear_cross_entropy_ref(h, w, t)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(loss.item() - ref.item()) < tol * abs(ref.item())
+    assert rel_err(gh, rh) < tol and rel_err(gw, rw) < tol
