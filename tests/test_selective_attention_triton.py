@@ -115,6 +115,13 @@ def test_strided_views_of_fused_projection():
     _run_case(1, 40, 2, 1, 16, torch.float32, 12, 0.5, None, DEVICE, fused_qkv=True)
 
 
+def test_int64_offsets_path(monkeypatch):
+    """The OFF64 variant (row offsets past 2**31 elements) is only taken for huge tensors:
+    force it on a tiny one."""
+    monkeypatch.setattr(sat, "_needs_int64", lambda *a: True)
+    _run_case(1, 40, 2, 1, 16, torch.float32, 12, 0.5, "selected", DEVICE)
+
+
 def test_window_one_is_identity_on_v():
     """window 1: each selected query sees only itself, so its output is its own v row."""
     q, k, v = (torch.randn(1, 35, 2, 16, device=DEVICE) for _ in range(3))

@@ -1,0 +1,660 @@
+"""Selective (sparse, sliding-window) attention in Triton: forward, backward and decode.
+
+Same function as `selective_attention_ref` (see `selective_attention.py`):
+
+    key j is visible to query i  iff  j <= i  and  i - j < window  and  (kv_mask[j] or j == i)
+
+and queries outside `q_mask` output zeros. Layout is the projections' (b, L, h, d); nothing
+is transposed or copied.
+
+How the work is laid out
+------------------------
+* Compaction. One small kernel (one program per batch row, a running tl.cumsum) turns `q_mask`
+  (b, L) into `rank` (b, L+1) = how many selected queries lie before each position, and
+  `sel_pos` (b, L+1), the positions of the selected queries in order (the first `rank[b, L]`
+  entries are valid). No host synchronisation: the grid is sized for L queries per batch and
+  tiles past the batch's count exit at once.
+* Forward. A program owns BLOCK_M consecutive *compacted* queries of one (batch, head). It
+  gathers their q rows straight from (b, L, h, d), loops over the keys in
+  [first_pos - window + 1, last_pos] (original positions) with an fp32 online softmax, and
+  scatters its output rows into a zero-filled (b, L, h, d) output. The key loop has three
+  segments: the keys every query of the tile sees (no causal/window mask) in the middle, and
+  masked edges on both sides.
+* Backward. dq: the same query-major loop. dk/dv: a key-major pass; a program owns BLOCK_N keys
+  of one (batch, kv head) and loops over the compacted queries with position in
+  [n0, n0 + BLOCK_N - 1 + window), found in O(1) from `rank`, for every query head of its GQA
+  group, so dk/dv need no atomics and are deterministic. Every key block is written (zeros
+  where nobody looks), so dk/dv need no zero fill; dq is zero-filled for unselected rows.
+* No `q_mask` is the dense case (every query selected): positions equal compacted indices and
+  no index arrays are read (constexpr DENSE). This is the full-causal / sliding-window path.
+* Decode: one program per (batch, query head) streams the ring-buffer cache.
+
+Scores are kept in the log2 domain (q . k * scale * log2 e) so the softmax uses exp2.
+Masked scores are set to a large finite negative number, not -inf: a row that has seen only
+masked keys so far then carries harmless garbage that is wiped (alpha = 0) by its first visible
+key, and every row has one (its own position), so no NaN can appear.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_NEG = tl.constexpr(-1.0e30)  # "masked" score; see the module docstring for why it is finite
+_LOG2E = 1.4426950408889634
+
+
+# HYBRIDLAB_SAT_TUNE=0: first config only (quick GPU test runs: every config is a compile)
+_TUNE = os.environ.get("HYBRIDLAB_SAT_TUNE", "1") != "0"
+
+
+def _configs(gpu_configs, interp_config):
+    """Autotune on the GPU; exactly one config under the interpreter (more than one fails there)."""
+    if _INTERPRET:
+        return [triton.Config(interp_config, num_warps=1, num_stages=1)]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+            for m, n, w, s in (gpu_configs if _TUNE else gpu_configs[:1])]
+
+
+# (BLOCK_M queries, BLOCK_N keys, warps, stages); few on purpose: each is a compile
+# (ptxas, D=64, sm_90: none of these spills, except a little in fwd 128x64x4w and 128x128).
+# Measured on the H200: the masked path picks 64x64 (a 64-query tile spans fewer positions,
+# so its key range wastes less), the dense path 128x64.
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3), (64, 32, 4, 4)]
+_DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)]
+_DKDV_CONFIGS = [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)]
+_INTERP_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
+_TUNE_KEY = ["L", "window", "HEAD_DIM", "DENSE", "HAS_KV_MASK"]
+# Lengths, windows and head counts are only bounds: specialising on their divisibility would
+# recompile every kernel for each odd length or window without making anything faster.
+_NO_SPEC = ["L", "H", "GROUP", "window"]
+
+
+def _tuner_bench(fn, quantiles):
+    """Shorter timing per config than the default (25 + 100 ms): many configs x shapes."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _autotune(configs):
+    return triton.autotune(configs=configs, key=_TUNE_KEY, do_bench=_tuner_bench)
+
+
+@triton.jit
+def _mm(a, b, acc, DOT_FP32: tl.constexpr):
+    """acc + a @ b. The interpreter's tl.dot is wrong on 16-bit operands: widen them there."""
+    if DOT_FP32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _wide(rows, OFF64: tl.constexpr):
+    """Row offsets in int32 unless one sequence's tensor exceeds 2**31 elements (OFF64):
+    int64 address tensors double the registers of every gathered tile and make the kernels
+    spill."""
+    if OFF64:
+        out = rows.to(tl.int64)
+    else:
+        out = rows
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, pos_m, k_base, v_base, kvm_base, stride_kl, stride_vl,
+               start, end, L, window, qk_scale,
+               MASKED: tl.constexpr, HAS_KV_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+               OFF64: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Online softmax over keys [start, end). MASKED=False: every (query, key) pair is visible
+    up to kv_mask, which the caller guarantees for the middle segment."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n  # (BN,) key positions
+        k_ptrs = k_base + _wide(cols, OFF64)[:, None] * stride_kl + offs_d[None, :]
+        v_ptrs = v_base + _wide(cols, OFF64)[:, None] * stride_vl + offs_d[None, :]
+        if MASKED:
+            col_ok = cols < L
+            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)  # (BN, D)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_FP32)  # (BM, BN)
+        qk = qk * qk_scale  # log2 domain; scaled in fp32 after the dot, not by rounding q
+        if MASKED:
+            rel = pos_m[:, None] - cols[None, :]  # query - key, original positions
+            vis = (rel >= 0) & (rel < window)
+            if HAS_KV_MASK:
+                kvm = tl.load(kvm_base + cols, mask=col_ok, other=0) != 0
+                vis = vis & (kvm[None, :] | (rel == 0))
+            qk = tl.where(vis, qk, _NEG)
+        elif HAS_KV_MASK:
+            kvm = tl.load(kvm_base + cols) != 0
+            qk = tl.where(kvm[None, :], qk, _NEG)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _tile_rows(SEL_POS, RANK, b, tile, L, DENSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """For compacted query tile `tile` of batch b: (count, first row, row ids, row valid,
+    row positions, first position, last position). Padding rows repeat the last valid row so
+    every row has a visible key; they are never stored."""
+    if DENSE:
+        count = L
+    else:
+        count = tl.load(RANK + b * (L + 1) + L)
+    m0 = tile * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # compacted row ids
+    row_ok = offs_m < count
+    last = tl.minimum(m0 + BLOCK_M, count) - 1
+    offs_c = tl.minimum(offs_m, last)
+    if DENSE:
+        pos_m = offs_c
+        p_first = m0
+        p_last = last
+    else:
+        pos_base = SEL_POS + b * (L + 1)  # sel_pos rows have a spare column
+        pos_m = tl.load(pos_base + offs_c)
+        p_first = tl.load(pos_base + m0)
+        p_last = tl.load(pos_base + last)
+    return count, m0, offs_m, row_ok, pos_m, p_first, p_last
+
+
+@triton.jit
+def _key_segments(p_first, p_last, window, BLOCK_N: tl.constexpr):
+    """Split the tile's key range [lo, hi) into masked [lo, s1), unmasked [b1, b2), masked
+    [b2, hi). Keys in [b1, b2) are >= last_pos - window + 1 (inside every row's window) and
+    < first_pos (strictly causal for every row, so never the diagonal)."""
+    lo = tl.maximum(p_first - window + 1, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = p_last + 1
+    full_lo = tl.maximum(p_last - window + 1, 0)
+    b1 = tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo)
+    b2 = tl.maximum((p_first // BLOCK_N) * BLOCK_N, b1)
+    s1 = tl.minimum(b1, hi)
+    return lo, s1, b1, b2, hi
+
+
+@_autotune(_configs(_FWD_CONFIGS, _INTERP_BLOCKS))
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _sel_attn_fwd(Q, K, V, O, LSE, SEL_POS, RANK, KVM,
+                  sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+                  L, H, GROUP, window, qk_scale,
+                  HEAD_DIM: tl.constexpr, DENSE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
+                  DOT_FP32: tl.constexpr, OFF64: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP  # GQA: the kv head serving this query head
+    count, m0, offs_m, row_ok, pos_m, p_first, p_last = _tile_rows(
+        SEL_POS, RANK, b, tile, L, DENSE, BLOCK_M)
+    if m0 >= count:  # this batch has fewer selected queries than the grid allows for
+        return
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    pos64 = _wide(pos_m, OFF64)
+    # gather the tile's q rows straight from (b, L, hq, d)
+    q = tl.load(Q + b64 * sqb + h * sqh + pos64[:, None] * sql + offs_d[None, :])  # (BM, D)
+    k_base = K + b64 * skb + hk * skh
+    v_base = V + b64 * svb + hk * svh
+    kvm_base = KVM + b64 * L
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo, s1, b1, b2, hi = _key_segments(p_first, p_last, window, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, pos_m, k_base, v_base, kvm_base, skl, svl,
+                               lo, s1, L, window, qk_scale, True, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, pos_m, k_base, v_base, kvm_base, skl, svl,
+                               b1, b2, L, window, qk_scale, False, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, pos_m, k_base, v_base, kvm_base, skl, svl,
+                               b2, hi, L, window, qk_scale, True, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
+
+    acc = acc / l_i[:, None]
+    # scatter the output rows back to their original positions
+    o_ptrs = O + b64 * sob + h * soh + pos64[:, None] * sol + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    # log-sum-exp (log2 domain) per compacted row, for the backward: LSE (b, hq, L)
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["L", "H"])
+def _bwd_delta(O, DO, DELTA, SEL_POS, RANK,
+               sob, sol, soh, sdb, sdl, sdh, L, H,
+               HEAD_DIM: tl.constexpr, DENSE: tl.constexpr, OFF64: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """delta_i = o_i . do_i per selected query, DELTA (b, hq, L) by compacted row."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    count, m0, offs_m, row_ok, pos_m, p_first, p_last = _tile_rows(
+        SEL_POS, RANK, b, tile, L, DENSE, BLOCK_M)
+    if m0 >= count:
+        return
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    pos64 = _wide(pos_m, OFF64)
+    o = tl.load(O + b64 * sob + h * soh + pos64[:, None] * sol + offs_d[None, :]).to(tl.float32)
+    do = tl.load(DO + b64 * sdb + h * sdh + pos64[:, None] * sdl + offs_d[None, :]).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, stride_kl, stride_vl,
+              start, end, L, window, qk_scale,
+              MASKED: tl.constexpr, HAS_KV_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+              OFF64: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + _wide(cols, OFF64)[:, None] * stride_kl + offs_d[None, :]
+        v_ptrs = v_base + _wide(cols, OFF64)[:, None] * stride_vl + offs_d[None, :]
+        if MASKED:
+            col_ok = cols < L
+            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)  # (BN, D)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_FP32)  # (BM, BN)
+        qk = qk * qk_scale  # log2 domain; scaled in fp32 after the dot, not by rounding q
+        p = tl.math.exp2(qk - lse[:, None])
+        if MASKED:
+            rel = pos_m[:, None] - cols[None, :]
+            vis = (rel >= 0) & (rel < window)
+            if HAS_KV_MASK:
+                kvm = tl.load(kvm_base + cols, mask=col_ok, other=0) != 0
+                vis = vis & (kvm[None, :] | (rel == 0))
+            p = tl.where(vis, p, 0.0)
+        elif HAS_KV_MASK:
+            kvm = tl.load(kvm_base + cols) != 0
+            p = tl.where(kvm[None, :], p, 0.0)
+        dp = _mm(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_FP32)
+        ds = p * (dp - delta[:, None])  # dL/d(score), up to the softmax scale
+        dq = _mm(ds.to(k.dtype), k, dq, DOT_FP32)
+    return dq
+
+
+@_autotune(_configs(_DQ_CONFIGS, _INTERP_BLOCKS))
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _sel_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEL_POS, RANK, KVM,
+                     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh,
+                     sgb, sgl, sgh,
+                     L, H, GROUP, window, qk_scale, scale,
+                     HEAD_DIM: tl.constexpr, DENSE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
+                     DOT_FP32: tl.constexpr, OFF64: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    count, m0, offs_m, row_ok, pos_m, p_first, p_last = _tile_rows(
+        SEL_POS, RANK, b, tile, L, DENSE, BLOCK_M)
+    if m0 >= count:
+        return
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    pos64 = _wide(pos_m, OFF64)
+    q = tl.load(Q + b64 * sqb + h * sqh + pos64[:, None] * sql + offs_d[None, :])
+    do = tl.load(DO + b64 * sdb + h * sdh + pos64[:, None] * sdl + offs_d[None, :])
+    offs_r = tl.minimum(offs_m, count - 1)  # padding rows repeat the last row, like pos_m
+    lse = tl.load(LSE + bh.to(tl.int64) * L + offs_r)
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_r)
+    k_base = K + b64 * skb + hk * skh
+    v_base = V + b64 * svb + hk * svh
+    kvm_base = KVM + b64 * L
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo, s1, b1, b2, hi = _key_segments(p_first, p_last, window, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, skl, svl,
+                   lo, s1, L, window, qk_scale, True, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
+    dq = _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, skl, svl,
+                   b1, b2, L, window, qk_scale, False, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
+    dq = _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, skl, svl,
+                   b2, hi, L, window, qk_scale, True, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
+    dq_ptrs = DQ + b64 * sgb + h * sgh + pos64[:, None] * sgl + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, kvm, offs_n, q_base, do_base, lse_base, delta_base, pos_base,
+                sql, sdl, start, end, c_end, window, qk_scale,
+                MASKED: tl.constexpr, DENSE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
+                DOT_FP32: tl.constexpr, OFF64: tl.constexpr, BLOCK_M: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """Accumulate over compacted queries [start, end) (rows >= c_end are padding when MASKED).
+    Tiles are transposed, (BN keys, BM queries), so dk/dv accumulate without transposes."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(start, end, BLOCK_M):
+        offs_c = start_m + tl.arange(0, BLOCK_M)  # compacted query ids
+        if MASKED:
+            row_ok = offs_c < c_end
+            if DENSE:
+                pos = offs_c
+            else:
+                pos = tl.load(pos_base + offs_c, mask=row_ok, other=0)
+            pos64 = _wide(pos, OFF64)
+            q = tl.load(q_base + pos64[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + pos64[:, None] * sdl + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_c, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_c, mask=row_ok, other=0.0)
+        else:
+            if DENSE:
+                pos = offs_c
+            else:
+                pos = tl.load(pos_base + offs_c)
+            pos64 = _wide(pos, OFF64)
+            q = tl.load(q_base + pos64[:, None] * sql + offs_d[None, :])
+            do = tl.load(do_base + pos64[:, None] * sdl + offs_d[None, :])
+            lse = tl.load(lse_base + offs_c)
+            delta = tl.load(delta_base + offs_c)
+        qkT = _mm(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), DOT_FP32)  # (BN, BM)
+        qkT = qkT * qk_scale
+        pT = tl.math.exp2(qkT - lse[None, :])
+        if MASKED:
+            rel = pos[None, :] - offs_n[:, None]  # query - key
+            vis = (rel >= 0) & (rel < window) & row_ok[None, :]
+            if HAS_KV_MASK:
+                vis = vis & (kvm[:, None] | (rel == 0))
+            pT = tl.where(vis, pT, 0.0)
+        elif HAS_KV_MASK:
+            pT = tl.where(kvm[:, None], pT, 0.0)
+        dv = _mm(pT.to(do.dtype), do, dv, DOT_FP32)
+        dpT = _mm(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], tl.float32), DOT_FP32)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mm(dsT.to(q.dtype), q, dk, DOT_FP32)
+    return dk, dv
+
+
+@_autotune(_configs(_DKDV_CONFIGS, _INTERP_BLOCKS))
+@triton.jit(do_not_specialize=_NO_SPEC + ["HKV"])
+def _sel_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEL_POS, RANK, KVM,
+                       sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh,
+                       skgb, skgl, skgh, svgb, svgl, svgh,
+                       L, H, HKV, GROUP, window, qk_scale, scale,
+                       HEAD_DIM: tl.constexpr, DENSE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
+                       DOT_FP32: tl.constexpr, OFF64: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    nblk = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    b64 = b.to(tl.int64)
+    n0 = nblk * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # key positions
+    key_ok = offs_n < L
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b64 * skb + hk * skh + _wide(offs_n, OFF64)[:, None] * skl + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)  # (BN, D)
+    v = tl.load(V + b64 * svb + hk * svh + _wide(offs_n, OFF64)[:, None] * svl + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    if HAS_KV_MASK:
+        kvm = tl.load(KVM + b64 * L + offs_n, mask=key_ok, other=0) != 0
+    else:
+        kvm = key_ok
+
+    # Queries that can see a key of this block have positions in [n0, n0 + BN - 1 + window).
+    # rank[t] = number of selected queries before position t turns those bounds into ranges of
+    # compacted rows: [c_lo, c_diag) can hit the diagonal, [c_diag, c_win) sees every key of
+    # the block, [c_win, c_hi) is cut by the window edge.
+    t_diag = tl.minimum(n0 + BLOCK_N, L)
+    t_win = tl.minimum(n0 + window, L)
+    t_hi = tl.minimum(n0 + BLOCK_N - 1 + window, L)
+    if DENSE:
+        c_lo = n0
+        c_diag = t_diag
+        c_win = t_win
+        c_hi = t_hi
+    else:
+        rank_base = RANK + b * (L + 1)
+        c_lo = tl.load(rank_base + n0)
+        c_diag = tl.load(rank_base + t_diag)
+        c_win = tl.load(rank_base + t_win)
+        c_hi = tl.load(rank_base + t_hi)
+    b1 = c_lo + tl.cdiv(c_diag - c_lo, BLOCK_M) * BLOCK_M  # aligned so the middle is whole tiles
+    b2 = tl.maximum(b1, c_lo + ((c_win - c_lo) // BLOCK_M) * BLOCK_M)
+    s1 = tl.minimum(b1, c_hi)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    pos_base = SEL_POS + b64 * (L + 1)
+    for g in range(0, GROUP):  # every query head that reads this kv head
+        h = hk * GROUP + g
+        bh = (b * H + h).to(tl.int64)
+        q_base = Q + b64 * sqb + h * sqh
+        do_base = DO + b64 * sdb + h * sdh
+        lse_base = LSE + bh * L
+        delta_base = DELTA + bh * L
+        dk, dv = _dkdv_inner(dk, dv, k, v, kvm, offs_n, q_base, do_base, lse_base, delta_base,
+                             pos_base, sql, sdl, c_lo, s1, c_hi, window, qk_scale,
+                             True, DENSE, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_inner(dk, dv, k, v, kvm, offs_n, q_base, do_base, lse_base, delta_base,
+                             pos_base, sql, sdl, b1, b2, c_hi, window, qk_scale,
+                             False, DENSE, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_inner(dk, dv, k, v, kvm, offs_n, q_base, do_base, lse_base, delta_base,
+                             pos_base, sql, sdl, b2, c_hi, c_hi, window, qk_scale,
+                             True, DENSE, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_M, HEAD_DIM)
+    # every key block is written, zeros where no query looks: dk/dv need no zero fill
+    tl.store(DK + b64 * skgb + hk * skgh + _wide(offs_n, OFF64)[:, None] * skgl + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + b64 * svgb + hk * svgh + _wide(offs_n, OFF64)[:, None] * svgl + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _sel_attn_decode(Q, KC, VC, SLOT_POS, POS, O,
+                     sqb, sqh, skb, sks, skh, svb, svs, svh, spb, sob, soh,
+                     S, H, GROUP, window, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One query (b, h) against the cache (b, S, hkv, d): memory bound, so plain reductions."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, BLOCK_S)
+    q = tl.load(Q + b64 * sqb + h * sqh + offs_d).to(tl.float32) * qk_scale  # (D,)
+    pos = tl.load(POS + b)
+    m_i = tl.full([1], _NEG, tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        slots = s0 + offs_s
+        in_cache = slots < S
+        sp = tl.load(SLOT_POS + b64 * spb + slots, mask=in_cache, other=-1)
+        valid = in_cache & (sp >= 0) & (sp <= pos) & (sp > pos - window)
+        k = tl.load(KC + b64 * skb + hk * skh + slots.to(tl.int64)[:, None] * sks + offs_d[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)  # (BS, D)
+        v = tl.load(VC + b64 * svb + hk * svh + slots.to(tl.int64)[:, None] * svs + offs_d[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)
+        s = tl.where(valid, tl.sum(k * q[None, :], 1), _NEG)  # (BS,)
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.where(valid, tl.math.exp2(s - m_new), 0.0)  # explicit zero: a row may be empty
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)  # nothing visible: zeros
+    tl.store(O + b64 * sob + h * soh + offs_d, out.to(O.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["L"])
+def _compact_kernel(MASK, SEL_POS, RANK, L, BLOCK: tl.constexpr):
+    """Per batch row: running count of selected queries (rank) and their positions (sel_pos)."""
+    b = tl.program_id(0)
+    mask_base = MASK + b.to(tl.int64) * L
+    rank_base = RANK + b.to(tl.int64) * (L + 1)
+    pos_base = SEL_POS + b.to(tl.int64) * (L + 1)
+    tl.store(rank_base, 0)
+    carry = 0
+    for s0 in range(0, L, BLOCK):
+        offs = s0 + tl.arange(0, BLOCK)
+        ok = offs < L
+        m = (tl.load(mask_base + offs, mask=ok, other=0) != 0).to(tl.int32)
+        incl = tl.cumsum(m, 0) + carry  # selected queries up to and including each position
+        tl.store(rank_base + offs + 1, incl, mask=ok)
+        tl.store(pos_base + incl - 1, offs, mask=ok & (m != 0))
+        carry += tl.sum(m, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _compact(q_mask: torch.Tensor, L: int):
+    """q_mask (b, L) bool -> sel_pos (b, L+1) int32 (the selected positions in order; entries
+    past the count are never read), rank (b, L+1) int32 (selected queries before each
+    position; rank[:, L] = count). One small kernel, no host synchronisation."""
+    b = q_mask.shape[0]
+    sel_pos = torch.empty(b, L + 1, device=q_mask.device, dtype=torch.int32)
+    rank = torch.empty(b, L + 1, device=q_mask.device, dtype=torch.int32)
+    block = 16 if _INTERPRET else min(triton.next_power_of_2(max(L, 16)), 4096)
+    _compact_kernel[(b,)](_as_bytes(q_mask), sel_pos, rank, L, BLOCK=block,
+                          num_warps=1 if _INTERPRET else 8)
+    return sel_pos, rank
+
+
+def _as_bytes(mask):
+    """(b, L) bool as uint8 without a copy (same itemsize), contiguous."""
+    return mask.contiguous().view(torch.uint8)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _needs_int64(L, *tensors):
+    """True when a row offset (position * row stride) within one sequence may pass 2**31."""
+    return L * max(t.stride(1) for t in tensors) + max(t.stride(2) * t.shape[2] for t in tensors) >= 2 ** 31
+
+
+def _check_head_dim(d):
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"selective_attention (Triton): head dim {d} must be a power of two >= 16")
+
+
+class _SelectiveAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, q_mask, kv_mask, window, scale):
+        b, L, hq, d = q.shape
+        hkv = k.shape[2]
+        _check_head_dim(d)
+        if hq % hkv:
+            raise ValueError(f"GQA needs hq % hkv == 0, got hq={hq}, hkv={hkv}")
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+        # a window >= L is full causal attention; keep the kernels' window an int always
+        window = L if window is None else max(1, min(int(window), L))
+        dense = q_mask is None
+        if dense:
+            sel_pos = rank = torch.empty(1, device=q.device, dtype=torch.int32)  # unused
+            o = torch.empty_like(q)  # every row is written
+        else:
+            sel_pos, rank = _compact(q_mask.to(device=q.device, dtype=torch.bool), L)
+            o = torch.zeros_like(q)  # unselected rows stay zero; the kernel writes the rest
+        has_kv = kv_mask is not None
+        off64 = _needs_int64(L, q, k, v)
+        kvm = (_as_bytes(kv_mask.to(device=q.device, dtype=torch.bool)) if has_kv
+               else torch.empty(1, device=q.device, dtype=torch.uint8))
+        lse = torch.empty(b, hq, max(L, 1), device=q.device, dtype=torch.float32)
+        if b * L * hq:
+            grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
+            _sel_attn_fwd[grid](
+                q, k, v, o, lse, sel_pos, rank, kvm,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                L, hq, hq // hkv, window, scale * _LOG2E,
+                HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, DOT_FP32=_INTERPRET, OFF64=off64)
+        ctx.save_for_backward(q, k, v, o, lse, sel_pos, rank, kvm)
+        ctx.meta = (window, scale, dense, has_kv)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, sel_pos, rank, kvm = ctx.saved_tensors
+        window, scale, dense, has_kv = ctx.meta
+        b, L, hq, d = q.shape
+        hkv = k.shape[2]
+        do = _last_dim_contiguous(do.to(q.dtype))
+        off64 = _needs_int64(L, q, k, v, do)
+        dq = torch.empty_like(q) if dense else torch.zeros_like(q)  # unselected rows: zero grad
+        dk = torch.empty_like(k)  # every key block is written by the dk/dv kernel
+        dv = torch.empty_like(v)
+        if b * L * hq == 0:
+            return dq, dk.zero_(), dv.zero_(), None, None, None, None
+        delta = torch.empty_like(lse)
+        blk = 16 if _INTERPRET else 64
+        _bwd_delta[(triton.cdiv(L, blk), b * hq)](
+            o, do, delta, sel_pos, rank, *o.stride()[:3], *do.stride()[:3], L, hq,
+            HEAD_DIM=d, DENSE=dense, OFF64=off64, BLOCK_M=blk)
+        grid_q = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
+        _sel_attn_bwd_dq[grid_q](
+            q, k, v, do, dq, lse, delta, sel_pos, rank, kvm,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            L, hq, hq // hkv, window, scale * _LOG2E, scale,
+            HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, DOT_FP32=_INTERPRET, OFF64=off64)
+        grid_k = lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), b * hkv)  # noqa: E731
+        _sel_attn_bwd_dkdv[grid_k](
+            q, k, v, do, dk, dv, lse, delta, sel_pos, rank, kvm,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3],
+            L, hq, hkv, hq // hkv, window, scale * _LOG2E, scale,
+            HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, DOT_FP32=_INTERPRET, OFF64=off64)
+        return dq, dk, dv, None, None, None, None
+
+
+def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None):
+    """q (b, L, hq, d); k, v (b, L, hkv, d); q_mask, kv_mask (b, L) bool or None.
+    Returns (b, L, hq, d): attention for the selected queries, zeros elsewhere."""
+    return _SelectiveAttention.apply(q, k, v, q_mask, kv_mask, window, scale)
+
+
+def selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window=None, scale=None):
+    """q (b, hq, d); k_cache, v_cache (b, S, hkv, d); slot_pos (b, S) int64 (-1: empty);
+    pos (b,). Returns (b, hq, d)."""
+    b, hq, d = q.shape
+    S, hkv = k_cache.shape[1], k_cache.shape[2]
+    _check_head_dim(d)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    slot_pos = slot_pos.to(torch.int64).contiguous()
+    pos = pos.to(device=q.device, dtype=torch.int64).contiguous()
+    # no window: anything at or before pos; 2**62 keeps pos - window from overflowing
+    window = 2 ** 62 if window is None else int(window)
+    o = torch.empty_like(q)
+    if b * hq == 0:
+        return o
+    block_s = 16 if _INTERPRET else 128
+    _sel_attn_decode[(b * hq,)](
+        q, k_cache, v_cache, slot_pos, pos, o,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        slot_pos.stride(0), o.stride(0), o.stride(1),
+        S, hq, hq // hkv, window, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_S=block_s, num_warps=1 if _INTERPRET else 4)
+    return o
