@@ -79,8 +79,8 @@ class SelfAttention(nn.Module):
         positions = cache["pos"][:, None] + torch.arange(T, device=x.device)  # (B, T)
         q, k, v = self._qkv(x, positions)
         keep = torch.ones(b, T, dtype=torch.bool, device=x.device) if write is None else write
-        k_all = torch.cat([cache["k"], k], dim=1)  # (B, S + T, Hkv, D)
-        v_all = torch.cat([cache["v"], v], dim=1)
+        k_all = torch.cat([cache["k"].to(k.dtype), k], dim=1)  # (B, S + T, Hkv, D)
+        v_all = torch.cat([cache["v"].to(v.dtype), v], dim=1)
         k_pos = torch.cat([cache["slot_pos"], positions], dim=1)
         k_valid = torch.cat([cache["slot_pos"] >= 0, keep], dim=1)[:, None, :].repeat(1, T, 1)
         # a query always sees itself, also when its K/V is not cached (selected-only mode)
@@ -103,8 +103,8 @@ class SelfAttention(nn.Module):
                 raise RuntimeError("attention cache is full: allocate_cache with a larger max_len")
             idx = idx[max(0, n - S):]  # older ones would be overwritten within this chunk
             ordinal = written + n - idx.numel() + torch.arange(idx.numel(), device=k.device)
-            cache["k"][row, ordinal % S] = k[row, idx]
-            cache["v"][row, ordinal % S] = v[row, idx]
+            cache["k"][row, ordinal % S] = k[row, idx].to(cache["k"].dtype)
+            cache["v"][row, ordinal % S] = v[row, idx].to(cache["v"].dtype)
             cache["slot_pos"][row, ordinal % S] = positions[row, idx]
             cache["written"][row] += n
 
@@ -115,6 +115,7 @@ class SelfAttention(nn.Module):
         pos = cache["pos"]
         q, k, v = self._qkv(x[:, None], pos[:, None])  # (B, 1, H, D)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        k, v = k.to(cache["k"].dtype), v.to(cache["v"].dtype)  # autocast may compute in bf16
         slots = cache["k"].shape[1]
         slot = cache["written"] % slots
         if self.window is None and bool((cache["written"] >= slots).any()):

@@ -55,7 +55,8 @@ def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp) -
 
 
 def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: str = "1K,8K,32K,128K,1M",
-                steps: int = 10, json_path: str | None = None, device: str | None = None) -> dict:
+                steps: int = 10, json_path: str | None = None, device: str | None = None,
+                time_budget_s: float = 300.0) -> dict:
     from .model import HybridLM
 
     arch = load_arch(arch_path)
@@ -86,7 +87,7 @@ def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: s
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    rows = inference_cost(model, parse_lengths(contexts), device=dev, amp=amp)
+    rows = inference_cost(model, parse_lengths(contexts), device=dev, amp=amp, time_budget_s=time_budget_s)
     result["decode"] = rows
     print(f"{'context':>9} {'decode ms/token':>16} {'prefill tok/s':>14} {'cache':>12} {'peak mem':>10}")
     for r in rows:

@@ -107,11 +107,31 @@ def _cmd_bench(args) -> int:
 
             raise UserError("bench model needs an architecture YAML")
         bench_model(args.arch, batch=args.batch, seq_len=args.seq_len, contexts=args.contexts,
-                    steps=args.steps, json_path=args.json, device=args.device)
+                    steps=args.steps, json_path=args.json, device=args.device, time_budget_s=args.time_budget)
         return 0
     from hybridlab.bench_kernels import bench
 
     return bench(args.what, json_path=args.json)
+
+
+def _cmd_sweep(args) -> int:
+    from hybridlab.sweep.run import run_sweep
+
+    run_sweep(args.space, storage=args.storage, workers=args.workers, trials=args.trials,
+              timeout=args.timeout, threads=args.threads, report_only=args.report)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from hybridlab.report import report
+
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    text = report(args.runs_dir, columns=columns, sort=args.sort)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -173,8 +193,27 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=10, help="timed training steps")
     s.add_argument("--contexts", default="1K,8K,32K,128K,1M", help="decode contexts")
     s.add_argument("--json", help="also write the results here")
+    s.add_argument("--time-budget", type=float, default=300.0, help="seconds for the decode sweep")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("sweep", help="Optuna search over SAL placement, capacity, window, ... against perplexity and cost")
+    s.add_argument("space", help="search-space YAML, e.g. search_spaces/sal.yaml")
+    s.add_argument("--storage", help="journal file path (default: <out_dir>/<study>/journal.log) or "
+                                     "postgresql://user@host/db for workers on several machines")
+    s.add_argument("--workers", type=int, help="worker processes on this machine (one per GPU when there are GPUs)")
+    s.add_argument("--trials", type=int, help="total trials of the study, over every worker and resume")
+    s.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    s.add_argument("--threads", type=int, help="torch CPU threads per worker (default: cores / workers)")
+    s.add_argument("--report", action="store_true", help="only write and print the Pareto front, plot and best YAML")
+    s.set_defaults(func=_cmd_sweep)
+
+    s = sub.add_parser("report", help="Markdown comparison of the runs below a folder, from their event files")
+    s.add_argument("runs_dir", help="a runs folder, a suite's folder, or a sweep's runs folder")
+    s.add_argument("--columns", help="comma-separated scalar tags (default: params, val/loss, val/ppl, ...)")
+    s.add_argument("--sort", help="sort by this column")
+    s.add_argument("--out", help="also write the table to this file")
+    s.set_defaults(func=_cmd_report)
     return p
 
 

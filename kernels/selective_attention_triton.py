@@ -48,8 +48,8 @@ _NEG = tl.constexpr(-1.0e30)  # "masked" score; see the module docstring for why
 _LOG2E = 1.4426950408889634
 
 
-# HYBRIDLAB_SAT_TUNE=0: first config only (quick GPU test runs: every config is a compile)
-_TUNE = os.environ.get("HYBRIDLAB_SAT_TUNE", "1") != "0"
+# HYBRIDLAB_AUTOTUNE=0: first config only (quick GPU test runs: every config is a compile)
+_TUNE = os.environ.get("HYBRIDLAB_AUTOTUNE", "1") != "0"
 
 
 def _configs(gpu_configs, interp_config):

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# HYBRIDLAB_SSD_AUTOTUNE=0 takes each kernel's first GPU config (quick compiles for tests).
-_AUTOTUNE = os.environ.get("HYBRIDLAB_SSD_AUTOTUNE", "1") != "0"
+# HYBRIDLAB_AUTOTUNE=0 takes each kernel's first GPU config (quick compiles for tests).
+_AUTOTUNE = os.environ.get("HYBRIDLAB_AUTOTUNE", "1") != "0"
 
 
 def _configs(gpu_configs, cpu_config):

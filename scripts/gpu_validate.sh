@@ -4,7 +4,7 @@ source scripts/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cd /tmp
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-HYBRIDLAB_AUTOTUNE=0 HYBRIDLAB_SSD_AUTOTUNE=0 HYBRIDLAB_SAT_TUNE=0 timeout ${TEST_TIMEOUT:-300} python -P -m pytest \
+HYBRIDLAB_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-300} python -P -m pytest \
     "$ROOT"/tests/test_ssd_triton.py "$ROOT"/tests/test_conv1d_norm_triton.py \
     "$ROOT"/tests/test_selective_attention_triton.py "$ROOT"/tests/test_gpu_integration.py \
     -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
