@@ -20,6 +20,16 @@ from .config import Config, ConfigError, field, join_path
 from .registry import register_block
 
 
+def validate_heads(d_model: int, head_dim: int, n_kv_heads: int | None, path: str) -> None:
+    """Heads must tile d_model, and K/V heads must divide the query heads (GQA)."""
+    if d_model % head_dim:
+        raise ConfigError(join_path(path, "head_dim"), f"d_model {d_model} is not divisible by head_dim {head_dim}")
+    n_heads = d_model // head_dim
+    if n_kv_heads is not None and n_heads % n_kv_heads:
+        raise ConfigError(join_path(path, "n_kv_heads"),
+                          f"{n_heads} query heads are not divisible by n_kv_heads {n_kv_heads}")
+
+
 class SelfAttention(nn.Module):
     def __init__(self, d_model: int, head_dim: int, n_kv_heads: int | None, positional: str,
                  rope_theta: float, window: int | None, n_layers: int):
@@ -144,13 +154,7 @@ class AttentionConfig(Config, BlockConfigMixin):
     window = None  # full causal attention
 
     def validate(self, d_model: int, path: str = "") -> None:
-        if d_model % self.head_dim:
-            raise ConfigError(join_path(path, "head_dim"),
-                              f"d_model {d_model} is not divisible by head_dim {self.head_dim}")
-        n_heads = d_model // self.head_dim
-        if self.n_kv_heads is not None and n_heads % self.n_kv_heads:
-            raise ConfigError(join_path(path, "n_kv_heads"),
-                              f"{n_heads} query heads are not divisible by n_kv_heads {self.n_kv_heads}")
+        validate_heads(d_model, self.head_dim, self.n_kv_heads, path)
 
     def kv_heads(self, d_model: int) -> int:
         return self.n_kv_heads or d_model // self.head_dim

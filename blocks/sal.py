@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SelfAttention
+from .attention import SelfAttention, validate_heads
 from .base import Block, BlockConfigMixin, avg_causal_context
 from .common import RMSNorm, SwiGLU, init_linear, swiglu_width
-from .config import Config, ConfigError, field, join_path
+from .config import Config, field
 from .registry import register_block
 
 
@@ -44,13 +44,7 @@ class SALConfig(Config, BlockConfigMixin):
     mlp_mult: float = field(8 / 3, "SwiGLU width = mlp_mult * d_model rounded up to 64", gt=0)
 
     def validate(self, d_model: int, path: str = "") -> None:
-        if d_model % self.head_dim:
-            raise ConfigError(join_path(path, "head_dim"),
-                              f"d_model {d_model} is not divisible by head_dim {self.head_dim}")
-        n_heads = d_model // self.head_dim
-        if self.n_kv_heads is not None and n_heads % self.n_kv_heads:
-            raise ConfigError(join_path(path, "n_kv_heads"),
-                              f"{n_heads} query heads are not divisible by n_kv_heads {self.n_kv_heads}")
+        validate_heads(d_model, self.head_dim, self.n_kv_heads, path)
 
     def kv_heads(self, d_model):
         return self.n_kv_heads or d_model // self.head_dim

@@ -101,7 +101,13 @@ def test_files(tmp_path):
         load_arch(empty)
 
 
-EXPERIMENTS = sorted(Path(__file__).parent.parent.joinpath("experiments").glob("*.yaml"))
+def _is_suite(path):
+    return "suite" in (yaml.safe_load(path.read_text()) or {})
+
+
+ALL_YAML = sorted(Path(__file__).parent.parent.joinpath("experiments").rglob("*.yaml"))
+EXPERIMENTS = [p for p in ALL_YAML if not _is_suite(p)]
+SUITES = [p for p in ALL_YAML if _is_suite(p)]
 SIZES = {"190m": 190e6, "450m": 450e6, "1.3b": 1.3e9}
 
 
@@ -132,3 +138,16 @@ def test_every_shipped_yaml_builds(path):
         assert model.num_params() == num_params(a)
         out = model(torch.randint(0, a.vocab_size, (2, 40)), torch.randint(0, a.vocab_size, (2, 40)))
         assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.stem)
+def test_every_shipped_suite_plans(path):
+    from hybridlab.data import make_dataset
+    from hybridlab.suite import plan
+    from hybridlab.train_config import parse_training
+
+    runs = plan(str(path))
+    assert runs
+    for name, arch, base in runs:
+        cfg, data = parse_training(arch["training"])
+        assert make_dataset(data, cfg.seq_len, base_dir=base).vocab_size <= arch["vocab_size"]
