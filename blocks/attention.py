@@ -20,6 +20,19 @@ from .config import Config, ConfigError, field, join_path
 from .registry import register_block
 
 
+class KVCache(dict):
+    """K/V slots plus positions (tensors), and the number of tokens seen as a Python int, so the
+    capacity check of a full-attention cache needs no device sync in the decoding loop."""
+
+    length = 0
+
+    def advance(self, n: int, window: int | None) -> None:
+        if window is None and self.length + n > self["k"].shape[1]:
+            raise RuntimeError(f"attention cache of {self['k'].shape[1]} tokens is full: "
+                               "allocate_cache with a larger max_len")
+        self.length += n
+
+
 def validate_heads(d_model: int, head_dim: int, n_kv_heads: int | None, path: str) -> None:
     """Heads must tile d_model, and K/V heads must divide the query heads (GQA)."""
     if d_model % head_dim:
@@ -70,13 +83,13 @@ class SelfAttention(nn.Module):
         slots = self.cache_slots(max_len)
         dtype = dtype or self.wqkv.weight.dtype
         shape = (batch, slots, self.n_kv_heads, self.head_dim)
-        return {
+        return KVCache({
             "k": torch.zeros(shape, device=device, dtype=dtype),
             "v": torch.zeros(shape, device=device, dtype=dtype),
             "slot_pos": torch.full((batch, slots), -1, device=device, dtype=torch.long),
             "pos": torch.zeros(batch, device=device, dtype=torch.long),  # tokens seen
             "written": torch.zeros(batch, device=device, dtype=torch.long),  # tokens cached
-        }
+        })
 
     def prefill(self, x, cache, q_mask=None, write=None):
         """Continue from `cache` with a chunk x (B, T, d) -> (B, T, d); appends the chunk's K/V.
@@ -86,6 +99,7 @@ class SelfAttention(nn.Module):
         the whole sequence, computed chunk by chunk with memory bounded by the cache.
         """
         b, T, _ = x.shape
+        cache.advance(T, self.window)
         positions = cache["pos"][:, None] + torch.arange(T, device=x.device)  # (B, T)
         q, k, v = self._qkv(x, positions)
         keep = torch.ones(b, T, dtype=torch.bool, device=x.device) if write is None else write
@@ -109,8 +123,6 @@ class SelfAttention(nn.Module):
         for row in range(k.shape[0]):  # rows keep different tokens in selected-only mode
             idx = keep[row].nonzero().squeeze(1)
             written, n = int(cache["written"][row]), idx.numel()
-            if self.window is None and written + n > S:
-                raise RuntimeError("attention cache is full: allocate_cache with a larger max_len")
             idx = idx[max(0, n - S):]  # older ones would be overwritten within this chunk
             ordinal = written + n - idx.numel() + torch.arange(idx.numel(), device=k.device)
             cache["k"][row, ordinal % S] = k[row, idx].to(cache["k"].dtype)
@@ -128,8 +140,7 @@ class SelfAttention(nn.Module):
         k, v = k.to(cache["k"].dtype), v.to(cache["v"].dtype)  # autocast may compute in bf16
         slots = cache["k"].shape[1]
         slot = cache["written"] % slots
-        if self.window is None and bool((cache["written"] >= slots).any()):
-            raise RuntimeError("attention cache is full: allocate_cache with a larger max_len")
+        cache.advance(1, self.window)
         keep = torch.ones(b, dtype=torch.bool, device=x.device) if write is None else write
         rows = torch.arange(b, device=x.device)
         kk = keep[:, None, None]

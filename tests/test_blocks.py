@@ -98,3 +98,13 @@ def test_chunked_prefill_equals_forward(name, overrides):
         tail = torch.stack([block.step(x[:, t], cache2) for t in range(20, L)], dim=1)
     torch.testing.assert_close(torch.cat(parts, dim=1), y, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(tail, y[:, 20:], atol=2e-5, rtol=1e-4)
+
+
+def test_full_attention_cache_overflow_is_an_error():
+    block = make("attention", {})
+    cache = block.allocate_cache(1, 3)
+    with torch.no_grad():
+        block.prefill(torch.randn(1, 2, D_MODEL), cache)
+        block.step(torch.randn(1, D_MODEL), cache)
+        with pytest.raises(RuntimeError, match="cache of 3 tokens is full"):
+            block.step(torch.randn(1, D_MODEL), cache)
