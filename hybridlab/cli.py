@@ -223,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from hybridlab.errors import ConfigError, TrainingDiverged, UserError
+    from hybridlab.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 
     try:
         return int(args.func(args) or 0)
     except TrainingDiverged as e:
         print(f"hybridlab {args.command}: error: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:
+        print(f"hybridlab {args.command}: {e}", file=sys.stderr)
+        return 130
     except (ConfigError, UserError) as e:
         print(f"hybridlab {args.command}: error: {e}", file=sys.stderr)
         return 2

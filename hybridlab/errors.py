@@ -12,3 +12,7 @@ class UserError(RuntimeError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C or SIGTERM: the run checkpointed at a step boundary and can be resumed."""

@@ -14,10 +14,11 @@ import subprocess
 from pathlib import Path
 
 HPARAM_KEYS = ("arch", "arch_hash", "pattern", "d_model", "n_layers", "params", "n_sal",
-               "sal_capacity", "sal_window", "sal_kv", "sal_positional", "data", "seq_len",
-               "batch_size", "steps", "lr", "weight_decay", "seed")
+               "sal_capacity", "sal_window", "sal_kv", "sal_positional", "sal_temperature",
+               "sal_budget_weight", "mamba2_d_state", "data", "seq_len", "batch_size", "steps", "lr",
+               "weight_decay", "seed")
 METRIC_KEYS = ("hparam/val_loss", "hparam/val_ppl", "hparam/recall_acc", "hparam/train_loss",
-               "hparam/tokens_per_s")
+               "hparam/tokens_per_s", "hparam/decode_ms", "hparam/prefill_tokens_per_s")
 
 
 def hparams_for(arch, cfg, data_name: str, n_params: int) -> dict:
@@ -31,6 +32,9 @@ def hparams_for(arch, cfg, data_name: str, n_params: int) -> dict:
         "sal_window": (first.window or 0) if first else 0,
         "sal_kv": first.kv if first else "",
         "sal_positional": first.positional if first else "",
+        "sal_temperature": first.temperature if first else 0.0,
+        "sal_budget_weight": first.budget_weight if first else 0.0,
+        "mamba2_d_state": next((l.config.d_state for l in arch.layers if l.block == "mamba2"), 0),
         "data": data_name, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
         "steps": cfg.total_steps(), "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
     }

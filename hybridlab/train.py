@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint as ckpt_io
-from .errors import ConfigError, TrainingDiverged, UserError
+from .errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from .graph import Arch, load_arch, parse_arch
 from .train_config import TrainConfig, parse_training
 
@@ -276,7 +276,7 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
             bar.close()
         path = save(step)
         tracker.close()
-        raise UserError(f"interrupted at step {step}; saved {path}. "
+        raise TrainingInterrupted(f"interrupted at step {step}; saved {path}. "
                         f"Continue with: hybridlab train --resume {run.run_dir}") from None
     except BaseException:
         tracker.close()

@@ -86,7 +86,7 @@ def test_sigint_checkpoints_and_resumes(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err
+    assert proc.returncode == 130, err
     assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
     step = int(err.split("interrupted at step ")[1].split(";")[0])
     assert (run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors").exists()
