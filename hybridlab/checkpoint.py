@@ -64,12 +64,21 @@ def save_checkpoint(ckpt_root: Path, step: int, model, train_state: dict, config
         _fsync(f)
     _fsync(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
+        trash = ckpt_root / f".trash-{name}-{os.getpid()}"
+        os.replace(final, trash)
+        shutil.rmtree(trash)
     os.replace(tmp, final)
     _fsync(ckpt_root)
     write_atomic(ckpt_root / "latest", name + "\n")
     for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # rename first (atomic), then delete: a kill mid-delete leaves only a hidden folder,
+        # never a final-named checkpoint with files missing
+        trash = ckpt_root / f".trash-{old.name}-{os.getpid()}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    for stale in ckpt_root.glob(".t*-step_*"):  # left by writers killed earlier
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -59,8 +59,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real_forward = HybridLM.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None):
-        out = real_forward(self, idx, targets)
+    def poisoned(self, idx, targets=None, **kw):
+        out = real_forward(self, idx, targets, **kw)
         calls["n"] += 1
         if self.training and calls["n"] == 6:  # the 6th training step
             out.loss = out.loss * float("nan")
