@@ -13,9 +13,9 @@ def bench(what: str, json_path: str | None = None) -> int:
         raise UserError(f"bench {what} times Triton kernels and needs a CUDA device; "
                         "the CPU has only the references")
     if what == "kernels":
-        from .benchmarks import mamba_parts, ssd
+        from .benchmarks import mamba2_block, mamba_parts, ssd
 
-        results = {"ssd": ssd.run(), "mamba_parts": mamba_parts.run()}
+        results = {"ssd": ssd.run(), "mamba_parts": mamba_parts.run(), "mamba2_block": mamba2_block.run()}
     else:
         from .benchmarks import attention
 
