@@ -99,16 +99,19 @@ class SelfAttention(nn.Module):
         the whole sequence, computed chunk by chunk with memory bounded by the cache.
         """
         b, T, _ = x.shape
+        # Slots that can hold anything yet: a full-attention cache fills from slot 0, so only
+        # its first `length` slots are read (prefill cost grows with the context, not max_len).
+        S = cache["k"].shape[1] if self.window is not None else min(cache.length, cache["k"].shape[1])
         cache.advance(T, self.window)
         positions = cache["pos"][:, None] + torch.arange(T, device=x.device)  # (B, T)
         q, k, v = self._qkv(x, positions)
         keep = torch.ones(b, T, dtype=torch.bool, device=x.device) if write is None else write
-        k_all = torch.cat([cache["k"].to(k.dtype), k], dim=1)  # (B, S + T, Hkv, D)
-        v_all = torch.cat([cache["v"].to(v.dtype), v], dim=1)
-        k_pos = torch.cat([cache["slot_pos"], positions], dim=1)
-        k_valid = torch.cat([cache["slot_pos"] >= 0, keep], dim=1)[:, None, :].repeat(1, T, 1)
+        k_all = torch.cat([cache["k"][:, :S].to(k.dtype), k], dim=1)  # (B, S + T, Hkv, D)
+        v_all = torch.cat([cache["v"][:, :S].to(v.dtype), v], dim=1)
+        slot_pos = cache["slot_pos"][:, :S]
+        k_pos = torch.cat([slot_pos, positions], dim=1)
+        k_valid = torch.cat([slot_pos >= 0, keep], dim=1)[:, None, :].repeat(1, T, 1)
         # a query always sees itself, also when its K/V is not cached (selected-only mode)
-        S = cache["k"].shape[1]
         k_valid[:, :, S:] |= torch.eye(T, dtype=torch.bool, device=x.device)
         o = attention_by_position_ref(q, k_all, v_all, positions, k_pos, k_valid, self.window)
         if q_mask is not None:
