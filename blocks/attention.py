@@ -25,8 +25,10 @@ class KVCache(dict):
     capacity check of a full-attention cache needs no device sync in the decoding loop."""
 
     length = 0
+    window: int | None = None
 
-    def advance(self, n: int, window: int | None) -> None:
+    def advance(self, n: int, window: int | None = None) -> None:
+        window = self.window if window is None else window
         if window is None and self.length + n > self["k"].shape[1]:
             raise RuntimeError(f"attention cache of {self['k'].shape[1]} tokens is full: "
                                "allocate_cache with a larger max_len")
@@ -83,13 +85,15 @@ class SelfAttention(nn.Module):
         slots = self.cache_slots(max_len)
         dtype = dtype or self.wqkv.weight.dtype
         shape = (batch, slots, self.n_kv_heads, self.head_dim)
-        return KVCache({
+        cache = KVCache({
             "k": torch.zeros(shape, device=device, dtype=dtype),
             "v": torch.zeros(shape, device=device, dtype=dtype),
             "slot_pos": torch.full((batch, slots), -1, device=device, dtype=torch.long),
             "pos": torch.zeros(batch, device=device, dtype=torch.long),  # tokens seen
             "written": torch.zeros(batch, device=device, dtype=torch.long),  # tokens cached
         })
+        cache.window = self.window
+        return cache
 
     def prefill(self, x, cache, q_mask=None, write=None):
         """Continue from `cache` with a chunk x (B, T, d) -> (B, T, d); appends the chunk's K/V.

@@ -56,7 +56,7 @@ def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp) -
 
 def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: str = "1K,8K,32K,128K,1M",
                 steps: int = 10, json_path: str | None = None, device: str | None = None,
-                time_budget_s: float = 300.0) -> dict:
+                time_budget_s: float = 300.0, cuda_graph: bool = False) -> dict:
     from .model import HybridLM
 
     arch = load_arch(arch_path)
@@ -87,7 +87,8 @@ def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: s
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    rows = inference_cost(model, parse_lengths(contexts), device=dev, amp=amp, time_budget_s=time_budget_s)
+    rows = inference_cost(model, parse_lengths(contexts), device=dev, amp=amp, time_budget_s=time_budget_s,
+                          cuda_graph=cuda_graph and dev.type == "cuda")
     result["decode"] = rows
     print(f"{'context':>9} {'decode ms/token':>16} {'prefill tok/s':>14} {'cache':>12} {'peak mem':>10}")
     for r in rows:

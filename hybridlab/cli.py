@@ -93,7 +93,7 @@ def _cmd_generate(args) -> int:
     sys.stdout.write(args.prompt)
     stream = TextStream(lambda new: dataset.decode(new))
     generate(lo.model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-             seed=args.seed, on_token=stream)
+             seed=args.seed, on_token=stream, cuda_graph=args.cuda_graph)
     sys.stdout.write("\n")
     return 0
 
@@ -107,7 +107,8 @@ def _cmd_bench(args) -> int:
 
             raise UserError("bench model needs an architecture YAML")
         bench_model(args.arch, batch=args.batch, seq_len=args.seq_len, contexts=args.contexts,
-                    steps=args.steps, json_path=args.json, device=args.device, time_budget_s=args.time_budget)
+                    steps=args.steps, json_path=args.json, device=args.device, time_budget_s=args.time_budget,
+                    cuda_graph=args.cuda_graph)
         return 0
     from hybridlab.bench_kernels import bench
 
@@ -182,6 +183,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=0.95)
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--cuda-graph", action="store_true", help="decode through a captured CUDA graph")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_generate)
 
@@ -194,6 +196,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--contexts", default="1K,8K,32K,128K,1M", help="decode contexts")
     s.add_argument("--json", help="also write the results here")
     s.add_argument("--time-budget", type=float, default=300.0, help="seconds for the decode sweep")
+    s.add_argument("--cuda-graph", action="store_true", help="decode through a captured CUDA graph")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_bench)
 

@@ -113,8 +113,10 @@ def _sync(device):
 
 @torch.no_grad()
 def inference_cost(model, contexts, batch: int = 1, decode_steps: int = 16, device=None,
-                   amp=None, chunk: int = 4096, time_budget_s: float = 300.0) -> list[dict]:
-    """Prefill tokens/s, decode ms/token after `context` tokens, peak memory, cache bytes."""
+                   amp=None, chunk: int = 4096, time_budget_s: float = 300.0,
+                   cuda_graph: bool = False) -> list[dict]:
+    """Prefill tokens/s, decode ms/token after `context` tokens, peak memory, cache bytes.
+    `cuda_graph`: decode through a captured CUDA graph (hybridlab/decode.py)."""
     from .model import cache_bytes
 
     model.eval()
@@ -129,7 +131,7 @@ def inference_cost(model, contexts, batch: int = 1, decode_steps: int = 16, devi
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            caches = model.allocate_cache(batch, ctx + decode_steps + 1)
+            caches = model.allocate_cache(batch, ctx + decode_steps + 4)
             idx = torch.randint(0, vocab, (batch, ctx), device=device)
             _sync(device)
             t0 = time.perf_counter()
@@ -140,11 +142,18 @@ def inference_cost(model, contexts, batch: int = 1, decode_steps: int = 16, devi
             prefill_s = time.perf_counter() - t0
             tok = logits.argmax(-1)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                model.step(tok, caches)  # warm-up
+                if cuda_graph:
+                    from .decode import GraphedDecoder
+
+                    step = GraphedDecoder(model, caches, batch)
+                else:
+                    def step(t):
+                        return model.step(t, caches)
+                step(tok)  # warm-up
                 _sync(device)
                 t0 = time.perf_counter()
                 for _ in range(decode_steps):
-                    tok = model.step(tok, caches).argmax(-1)
+                    tok = step(tok).argmax(-1)
                 _sync(device)
             decode_ms = 1e3 * (time.perf_counter() - t0) / decode_steps
         except RuntimeError as e:

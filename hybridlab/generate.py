@@ -29,7 +29,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, on_token=None, chunk: int = 4096,
-             use_cache: bool = True) -> torch.Tensor:
+             use_cache: bool = True, cuda_graph: bool = False) -> torch.Tensor:
     """prompt (B, T) -> (B, T + max_new_tokens). `on_token(ids (B,))` streams each new token.
 
     use_cache=False re-runs the full forward for every token (slow; the reference that the
@@ -45,6 +45,14 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
             logits = model.prefill(prompt[:, s:s + chunk], caches)
     else:
         logits = model(prompt).logits[:, -1]
+    step = None
+    if use_cache:
+        def step(ids):
+            return model.step(ids, caches)
+        if cuda_graph and prompt.is_cuda:
+            from .decode import GraphedDecoder
+
+            step = GraphedDecoder(model, caches, prompt.shape[0])
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, gen)
         out = torch.cat([out, nxt[:, None]], dim=1)
@@ -52,7 +60,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
             on_token(nxt)
         if i + 1 == max_new_tokens:
             break
-        logits = model.step(nxt, caches) if use_cache else model(out).logits[:, -1]
+        logits = step(nxt) if use_cache else model(out).logits[:, -1]
     return out
 
 

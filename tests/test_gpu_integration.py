@@ -59,3 +59,22 @@ def test_taipan_decoding_on_gpu_matches_forward():
         prefix = model.prefill(idx[:, :100], caches, all_logits=True).float()
         steps = torch.stack([model.step(idx[:, t], caches) for t in range(100, 150)], 1).float()
     assert rel_err(torch.cat([prefix, steps], 1), full) < 1e-3
+
+
+def test_cuda_graph_decoding_equals_eager():
+    from hybridlab.decode import GraphedDecoder
+
+    torch.manual_seed(0)
+    model = HybridLM(parse_arch(ARCH)).cuda().eval()
+    idx = torch.randint(0, 1000, (2, 120), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager_caches = model.allocate_cache(2, 200)
+        graph_caches = model.allocate_cache(2, 200)
+        model.prefill(idx[:, :100], eager_caches)
+        model.prefill(idx[:, :100], graph_caches)
+        decoder = GraphedDecoder(model, graph_caches, batch=2)
+        for t in range(100, 120):
+            eager = model.step(idx[:, t], eager_caches).float()
+            graphed = decoder(idx[:, t]).float()
+            assert rel_err(graphed, eager) < 1e-3, t
+    assert graph_caches[3].length == eager_caches[3].length == 120  # the attention layer's count
