@@ -225,6 +225,7 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
     bar = None if quiet else Progress(total, start=step)
     tokens_per_step = cfg.batch_size * dataset.seq_len
     t_last, steps_since, loss_ema, last_metrics = time.perf_counter(), 0, None, {}
+    selected = math.nan  # mean selected share over the SALs at the last logged step
     tok_s = 0.0
     model.train()
     try:
@@ -262,10 +263,10 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
                            "hparam/train_loss": loss_ema, "hparam/tokens_per_s": tok_s}
                 scalars.update({f"blocks/{k}": v.item() for k, v in out.metrics.items()})
                 tracker.log(step, scalars)
+                fracs = [v.item() for k, v in out.metrics.items() if k.endswith("selected_frac")]
+                selected = sum(fracs) / len(fracs) if fracs else math.nan
                 if bar:
-                    fracs = [v.item() for k, v in out.metrics.items() if k.endswith("selected_frac")]
-                    extra = f"sel {sum(fracs) / len(fracs):.3f}" if fracs else ""
-                    bar.update(step, loss_ema, tok_s, extra)
+                    bar.update(step, loss_ema, tok_s, f"sel {selected:.3f}" if fracs else "")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 last_metrics = evaluate(step)
                 model.train()
@@ -290,7 +291,7 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
     save(step)
     tracker.close()
     summary = {"run_dir": str(run.run_dir), "step": step, "train_loss": loss_ema, "tokens_per_s": tok_s,
-               **last_metrics}
+               "selected_frac": selected, **last_metrics}
     if not quiet:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last_metrics.items())
         print(f"done: step {step}/{total} in {run.run_dir}" + (f"; {shown}" if shown else ""))
