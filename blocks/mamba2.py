@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridlab.kernels import causal_conv1d, causal_conv1d_update, gated_rms_norm, ssd_chunked, ssd_step

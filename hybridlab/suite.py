@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint as ckpt_io
-from .errors import ConfigError, UserError
+from .errors import ConfigError
 from .graph import parse_arch
 from .train import prepare, prepare_new, train
 

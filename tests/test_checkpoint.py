@@ -1,6 +1,5 @@
 """Checkpoints: killed writers never leave a half-written checkpoint that loads; broken or
 foreign checkpoints get clear errors."""
-import os
 import signal
 import subprocess
 import sys

@@ -1,5 +1,4 @@
 """Training: loss falls, exact resume, divergence stops cleanly, interruption keeps the work."""
-import os
 import signal
 import subprocess
 import sys
@@ -7,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from hybridlab.errors import ConfigError, TrainingDiverged, UserError
 from hybridlab.train import lr_at, prepare, train

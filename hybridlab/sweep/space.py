@@ -28,7 +28,7 @@ import yaml
 
 from hybridlab.blocks.config import ConfigError, join_path, suggest
 
-from .edit import apply
+from .edit import Target, apply
 from .params import Param, parse_params, probe
 
 SPACE_KEYS = ("study", "description", "base", "out_dir", "training", "sampler", "trials", "timeout",
