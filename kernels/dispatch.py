@@ -5,6 +5,7 @@ implementation lazily, so importing this package never imports triton.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,6 +22,7 @@ def requested_backend() -> str | None:
     return value
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -40,6 +42,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return triton_available() and all(t.is_cuda for t in tensors if t is not None)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_impl(module: str):
     """The Triton implementation module `hybridlab.kernels.<module>`, or None if not written."""
     import importlib
