@@ -1,0 +1,72 @@
+"""`hybridlab eval` and `hybridlab bench model` end to end on a tiny run (CPU)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridlab.train import prepare, train
+from tests.runs_helpers import write_arch
+
+ROOT = Path(__file__).parent.parent
+
+
+def hl(*args):
+    return subprocess.run([sys.executable, "-m", "hybridlab", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_eval_writes_metrics_curve_plot_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = prepare(str(write_arch(tmp_path, tmp_path / "runs", steps=3, eval_every=0)), overrides={"run_name": "e"})
+    train(run, quiet=True)
+    r = hl("eval", str(run.run_dir), "--batches", "2", "--max-factor", "4", "--contexts", "64,128")
+    assert r.returncode == 0, r.stderr
+    out = run.run_dir / "eval" / "step_0000003"
+    results = json.loads((out / "eval.json").read_text())
+    assert [row["context"] for row in results["ppl_vs_context"]] == [32, 64, 128]
+    assert all(row["ppl"] > 1 for row in results["ppl_vs_context"])
+    assert [row["context"] for row in results["inference"]] == [64, 128]
+    assert results["inference"][0]["cache_bytes"] == results["inference"][1]["cache_bytes"]  # window-bounded
+    assert (out / "ppl_vs_context.png").stat().st_size > 1000
+    acc = EventAccumulator(str(run.run_dir))
+    acc.Reload()
+    assert {"eval/ppl_vs_context", "eval/loss", "eval/decode_ms_per_token_vs_context"} <= set(acc.Tags()["scalars"])
+    assert "eval/ppl_vs_context" in acc.Tags()["images"]
+
+
+def test_eval_on_a_recall_task_reports_accuracy_per_difficulty(tmp_path):
+    data = {"task": "mqar", "num_kv_pairs": 4, "vocab_size": 64, "eval_examples": 16}
+    run = prepare(str(write_arch(tmp_path, tmp_path / "runs", steps=2, eval_every=0, data=data)),
+                  overrides={"run_name": "m"})
+    train(run, quiet=True)
+    r = hl("eval", str(run.run_dir), "--batches", "1", "--max-factor", "2", "--contexts", "32")
+    assert r.returncode == 0, r.stderr
+    assert "recall accuracy kv=4" in r.stdout and "answer accuracy" in r.stdout
+
+
+def test_bench_model_runs_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    r = hl("bench", "model", "experiments/taipan-tiny.yaml", "--batch", "1", "--seq-len", "16", "--steps", "1",
+           "--contexts", "32,64", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["train"]["tokens_per_s"] > 0
+    assert [row["context"] for row in result["decode"]] == [32, 64]
+    assert "decode ms/token" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_kernels_needs_cuda_and_says_so():
+    r = hl("bench", "kernels")
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_mamba2_block_benchmark_runs_at_tiny_shape():
+    from hybridlab.benchmarks.mamba2_block import run
+
+    (row,) = run(batch=1, seq_len=40, d_model=32, d_state=8, headdim=8, chunk=16, device="cpu")
+    assert row["block_fwd_bwd_ms"] > 0 and row["scan_fwd_bwd_ms"] > 0
