@@ -300,3 +300,26 @@ def test_tokenizer_from_local_file(tmp_path, monkeypatch):
     x, _ = ds.train_batch(0, 2, seed=0)
     assert x.shape == (2, 32) and x.max() < 1000
     assert ds.encode("a b") == [hash("a") % 1000, hash("b") % 1000]
+
+
+def test_real_tokenizer_trained_locally(tmp_path):
+    """A real HF tokenizer.json (a small BPE trained here on the default corpus, no download)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from hybridlab.data.corpus import default_corpus_text
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([default_corpus_text()[:200_000]],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ds = make_dataset({"text": "default", "tokenizer": "tokenizer.json"}, 32, base_dir=tmp_path)
+    assert 256 < ds.vocab_size <= 300
+    inputs, targets = ds.train_batch(0, 2, 0)
+    assert inputs.shape == (2, 32) and int(inputs.max()) < ds.vocab_size
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    ids = ds.encode("The assert statement")
+    assert len(ids) < len("The assert statement")  # merges happened
+    assert ds.decode(ids).strip() == "The assert statement"
