@@ -117,21 +117,28 @@ class Mamba2Block(Block):
         x, B, C = torch.split(xBC, self.xbc_split, dim=-1)
         return x, B, C
 
-    def forward(self, h, aux=None):
+    def _mix(self, h, z, xBC, dt, initial_states=None):
+        """Conv'd xBC (B, L, conv_dim) -> SSD -> gated norm -> out-proj + residual.
+        Returns (output, final SSM state or None)."""
         cfg = self.cfg
         b, L, _ = h.shape
-        z, xBC, dt = torch.split(self.in_proj(self.norm(h)), self.split, dim=-1)
-        xBC = causal_conv1d(xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias)  # (b, L, conv_dim)
         x, B, C = self._ssd_inputs(xBC)
-        y = ssd_chunked(
+        out = ssd_chunked(
             x.reshape(b, L, self.nheads, cfg.headdim), dt, -torch.exp(self.A_log.float()),
             B.reshape(b, L, cfg.ngroups, cfg.d_state), C.reshape(b, L, cfg.ngroups, cfg.d_state),
             chunk_size=cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-        )  # (b, L, H, P)
+            initial_states=initial_states, return_final_states=initial_states is not None,
+        )
+        y, final = out if initial_states is not None else (out, None)  # y (b, L, H, P)
         y = gated_rms_norm(y.reshape(b, L, self.d_inner), z, self.norm_gated, eps=1e-5,
                            group_size=self.d_inner // cfg.ngroups,
                            norm_before_gate=cfg.norm_before_gate)
-        return h + self.out_proj(y)
+        return h + self.out_proj(y), final
+
+    def forward(self, h, aux=None):
+        z, xBC, dt = torch.split(self.in_proj(self.norm(h)), self.split, dim=-1)
+        xBC = causal_conv1d(xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias)  # (b, L, conv_dim)
+        return self._mix(h, z, xBC, dt)[0]
 
     def allocate_cache(self, batch, max_len, device=None, dtype=None):
         cfg = self.cfg
@@ -144,26 +151,15 @@ class Mamba2Block(Block):
 
     def prefill(self, h, cache):
         """A chunk (B, T, d) continuing from `cache` (conv window and SSM state), updating it."""
-        cfg = self.cfg
-        b, T, _ = h.shape
-        k = cfg.d_conv
+        k = self.cfg.d_conv
         z, xBC, dt = torch.split(self.in_proj(self.norm(h)), self.split, dim=-1)
         history = torch.cat([cache["conv"].transpose(1, 2).to(xBC.dtype), xBC], dim=1)  # (B, k + T, conv_dim)
         cache["conv"].copy_(history[:, -k:].transpose(1, 2))
         # the conv sees the last k - 1 cached inputs before the chunk, then drops those outputs
         xBC = causal_conv1d(history[:, 1:], self.conv1d.weight[:, 0, :], self.conv1d.bias)[:, k - 1:]
-        x, B, C = self._ssd_inputs(xBC)
-        y, final = ssd_chunked(
-            x.reshape(b, T, self.nheads, cfg.headdim), dt, -torch.exp(self.A_log.float()),
-            B.reshape(b, T, cfg.ngroups, cfg.d_state), C.reshape(b, T, cfg.ngroups, cfg.d_state),
-            chunk_size=cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-            initial_states=cache["ssm"], return_final_states=True,
-        )
+        out, final = self._mix(h, z, xBC, dt, initial_states=cache["ssm"])
         cache["ssm"].copy_(final)
-        y = gated_rms_norm(y.reshape(b, T, self.d_inner), z, self.norm_gated, eps=1e-5,
-                           group_size=self.d_inner // cfg.ngroups,
-                           norm_before_gate=cfg.norm_before_gate)
-        return h + self.out_proj(y)
+        return out
 
     def step(self, h, cache):
         cfg = self.cfg
