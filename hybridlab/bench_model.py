@@ -8,7 +8,7 @@ import time
 import torch
 
 from .analysis import flops_per_token
-from .evaluate import inference_cost, is_oom, parse_lengths
+from .evaluate import inference_cost, inference_table, is_oom, parse_lengths
 from .graph import load_arch
 
 H200_BF16_TFLOPS = 712.0  # bf16 8192^3 matmul measured on the lent H200 (references.md)
@@ -90,14 +90,7 @@ def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: s
     rows = inference_cost(model, parse_lengths(contexts), device=dev, amp=amp, time_budget_s=time_budget_s,
                           cuda_graph=cuda_graph and dev.type == "cuda")
     result["decode"] = rows
-    print(f"{'context':>9} {'decode ms/token':>16} {'prefill tok/s':>14} {'cache':>12} {'peak mem':>10}")
-    for r in rows:
-        if "stopped" in r:
-            print(f"{r['context']:>9} stopped: {r['stopped']}")
-            continue
-        peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "-"
-        print(f"{r['context']:>9} {r['decode_ms_per_token']:>16.2f} {r['prefill_tokens_per_s']:>14.0f} "
-              f"{r['cache_bytes'] / 2**20:>8.2f} MiB {peak:>10}")
+    print("\n".join(inference_table(rows)))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)

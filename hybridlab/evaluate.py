@@ -168,6 +168,19 @@ def inference_cost(model, contexts, batch: int = 1, decode_steps: int = 16, devi
     return rows
 
 
+def inference_table(rows: list[dict]) -> list[str]:
+    """The rows of `inference_cost` as a printable table."""
+    lines = [f"{'context':>9} {'decode ms/token':>16} {'prefill tok/s':>14} {'cache':>12} {'peak mem':>10}"]
+    for r in rows:
+        if "stopped" in r:
+            lines.append(f"{r['context']:>9} stopped: {r['stopped']}")
+            continue
+        peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "-"
+        lines.append(f"{r['context']:>9} {r['decode_ms_per_token']:>16.2f} {r['prefill_tokens_per_s']:>14.0f} "
+                     f"{r['cache_bytes'] / 2**20:>8.2f} MiB {peak:>10}")
+    return lines
+
+
 def parse_lengths(text: str) -> list[int]:
     """'1K,8K,1M' -> [1024, 8192, 1048576]."""
     from .errors import UserError
@@ -227,13 +240,7 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
     cost = inference_cost(model, parse_lengths(contexts), device=dev, amp=amp, time_budget_s=time_budget_s)
     results["inference"] = cost
     print("inference (batch 1):")
-    for r in cost:
-        if "stopped" in r:
-            print(f"  context {r['context']:>8}: stopped, {r['stopped']}")
-            continue
-        peak = f", peak {r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else ""
-        print(f"  context {r['context']:>8}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
-              f"{r['decode_ms_per_token']:.2f} ms/token, cache {r['cache_bytes'] / 2**20:.2f} MiB{peak}")
+    print("\n".join(inference_table(cost)))
 
     out = Path(out_dir) if out_dir else lo.run_dir / "eval" / f"step_{lo.step:07d}"
     out.mkdir(parents=True, exist_ok=True)
