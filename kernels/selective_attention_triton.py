@@ -9,22 +9,29 @@ is transposed or copied.
 
 How the work is laid out
 ------------------------
-* Compaction. One small kernel (one program per batch row, a running tl.cumsum) turns `q_mask`
-  (b, L) into `rank` (b, L+1) = how many selected queries lie before each position, and
-  `sel_pos` (b, L+1), the positions of the selected queries in order (the first `rank[b, L]`
-  entries are valid). No host synchronisation: the grid is sized for L queries per batch and
-  tiles past the batch's count exit at once.
+* Compaction. A small kernel over (blocks of L, batch) turns `q_mask` (b, L) into `rank`
+  (b, L+1) = how many selected queries lie before each position, and `sel_pos` (b, L+1), the
+  positions of the selected queries in order (the first `rank[b, L]` entries are valid): each
+  block adds the count of the earlier blocks (summed from the mask, or for long L from a
+  first pass of per-block counts) to a local tl.cumsum. No host synchronisation: the
+  attention grids are sized for L queries per batch and tiles past the batch's count exit
+  at once (after their share of the zeroing below).
 * Forward. A program owns BLOCK_M consecutive *compacted* queries of one (batch, head). It
   gathers their q rows straight from (b, L, h, d), loops over the keys in
   [first_pos - window + 1, last_pos] (original positions) with an fp32 online softmax, and
-  scatters its output rows into a zero-filled (b, L, h, d) output. The key loop has three
-  segments: the keys every query of the tile sees (no causal/window mask) in the middle, and
-  masked edges on both sides.
+  scatters its output rows into the (b, L, h, d) output. The output is not zero-filled: the
+  program of grid tile t also writes zeros to the unselected rows among *positions*
+  [t * BLOCK_M, (t + 1) * BLOCK_M) (`_zero_unselected`), so the grid's cdiv(L, BLOCK_M)
+  programs per (batch, head) zero every unselected row exactly once, and never touch a
+  selected row (written only by the attention store of the tile that owns it). The key loop
+  has three segments: the keys every query of the tile sees (no causal/window mask) in the
+  middle, and masked edges on both sides.
 * Backward. dq: the same query-major loop. dk/dv: a key-major pass; a program owns BLOCK_N keys
   of one (batch, kv head) and loops over the compacted queries with position in
   [n0, n0 + BLOCK_N - 1 + window), found in O(1) from `rank`, for every query head of its GQA
   group, so dk/dv need no atomics and are deterministic. Every key block is written (zeros
-  where nobody looks), so dk/dv need no zero fill; dq is zero-filled for unselected rows.
+  where nobody looks), so dk/dv need no zero fill; the dq kernel zeroes the unselected rows of
+  dq the way the forward does for o.
 * No `q_mask` is the dense case (every query selected): positions equal compacted indices and
   no index arrays are read (constexpr DENSE). This is the full-causal / sliding-window path.
 * Decode: one program per (batch, query head) streams the ring-buffer cache.
@@ -190,6 +197,29 @@ def _key_segments(p_first, p_last, window, BLOCK_N: tl.constexpr):
     return lo, s1, b1, b2, hi
 
 
+@triton.jit
+def _zero_unselected(OUT, RANK, b, h, s_b, s_l, s_h, L, tile,
+                     OFF64: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Write zeros to the rows of OUT (b, L, h, d) whose *position* lies in
+    [tile * BLOCK_M, (tile + 1) * BLOCK_M) and whose query is not selected
+    (rank[p + 1] == rank[p]). The grid has cdiv(L, BLOCK_M) tiles per (batch, head), so the
+    position blocks of its programs tile [0, L): every unselected row is written exactly once,
+    by one program, and never a selected row, which only the attention stores write.
+    Partitioning by position (not by the gaps between a compacted tile's selected queries)
+    bounds every program's share at BLOCK_M rows whatever the selection, and puts most of the
+    zeroing on the programs past the count, which have no attention to do."""
+    offs_p = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    p_ok = offs_p < L
+    rank_base = RANK + b.to(tl.int64) * (L + 1)
+    r0 = tl.load(rank_base + offs_p, mask=p_ok, other=0)
+    r1 = tl.load(rank_base + offs_p + 1, mask=p_ok, other=0)
+    zero_row = p_ok & (r1 == r0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ptrs = (OUT + b.to(tl.int64) * s_b + h * s_h + _wide(offs_p, OFF64)[:, None] * s_l
+            + offs_d[None, :])
+    tl.store(ptrs, tl.zeros([BLOCK_M, HEAD_DIM], OUT.dtype.element_ty), mask=zero_row[:, None])
+
+
 @_autotune(_configs(_FWD_CONFIGS, _INTERP_BLOCKS))
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _sel_attn_fwd(Q, K, V, O, LSE, SEL_POS, RANK, KVM,
@@ -203,6 +233,10 @@ def _sel_attn_fwd(Q, K, V, O, LSE, SEL_POS, RANK, KVM,
     b = bh // H
     h = bh % H
     hk = h // GROUP  # GQA: the kv head serving this query head
+    if not DENSE:  # o is not zero-filled: this program zeroes the unselected rows of its
+        # position block [tile * BM, (tile + 1) * BM), whether or not it also owns a tile of
+        # compacted queries below (programs past the count still do this, then exit)
+        _zero_unselected(O, RANK, b, h, sob, sol, soh, L, tile, OFF64, BLOCK_M, HEAD_DIM)
     count, m0, offs_m, row_ok, pos_m, p_first, p_last = _tile_rows(
         SEL_POS, RANK, b, tile, L, DENSE, BLOCK_M)
     if m0 >= count:  # this batch has fewer selected queries than the grid allows for
@@ -311,6 +345,8 @@ def _sel_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEL_POS, RANK, KVM,
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    if not DENSE:  # dq is not zero-filled: unselected rows of this position block, as in fwd
+        _zero_unselected(DQ, RANK, b, h, sgb, sgl, sgh, L, tile, OFF64, BLOCK_M, HEAD_DIM)
     count, m0, offs_m, row_ok, pos_m, p_first, p_last = _tile_rows(
         SEL_POS, RANK, b, tile, L, DENSE, BLOCK_M)
     if m0 >= count:
@@ -505,23 +541,68 @@ def _sel_attn_decode(Q, KC, VC, SLOT_POS, POS, O,
     tl.store(O + b64 * sob + h * soh + offs_d, out.to(O.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["L"])
-def _compact_kernel(MASK, SEL_POS, RANK, L, BLOCK: tl.constexpr):
-    """Per batch row: running count of selected queries (rank) and their positions (sel_pos)."""
-    b = tl.program_id(0)
-    mask_base = MASK + b.to(tl.int64) * L
-    rank_base = RANK + b.to(tl.int64) * (L + 1)
-    pos_base = SEL_POS + b.to(tl.int64) * (L + 1)
-    tl.store(rank_base, 0)
-    carry = 0
-    for s0 in range(0, L, BLOCK):
-        offs = s0 + tl.arange(0, BLOCK)
-        ok = offs < L
-        m = (tl.load(mask_base + offs, mask=ok, other=0) != 0).to(tl.int32)
-        incl = tl.cumsum(m, 0) + carry  # selected queries up to and including each position
-        tl.store(rank_base + offs + 1, incl, mask=ok)
-        tl.store(pos_base + incl - 1, offs, mask=ok & (m != 0))
-        carry += tl.sum(m, 0)
+# Compaction: q_mask (b, L) -> rank (b, L+1), sel_pos (b, L+1), in parallel over (blocks of L,
+# batch) and without host synchronisation. A program owns BLOCK positions of one batch row: it
+# needs the number of selected queries before its block (its prefix), then a local tl.cumsum.
+# Two ways to get the prefix, chosen on the host from L alone:
+# * single pass (L <= _COMPACT_ONE_PASS_MAX_L): each program sums the mask bytes before its block
+#   itself, CHUNK bytes per step. Total reads grow as L^2 / BLOCK, but up to 32K positions the
+#   last block reads at most 31 KiB (<= 8 steps of 4 KiB, L2-resident: ~1-3 us of latency),
+#   which is cheaper than a second launch (~2 us gap plus a second tiny kernel). This covers
+#   the taipan shapes (L 4K-16K) with one launch of <= 32 programs per row.
+# * two passes (longer L): `_compact_count_kernel` writes each block's count to a small (b,
+#   nblk) buffer, then `_compact_kernel` sums the earlier blocks' counts (nblk <= 256 ints per
+#   row at L = 1M with 4096-position blocks: one step) before its local cumsum. The mask is
+#   read twice (2 bytes a position, against the 8 bytes of rank + sel_pos written), so this
+#   runs at memory speed for any L, where the single pass would read L^2 / BLOCK bytes (64 MiB
+#   a row at L = 1M).
+# A sequential loop over L (one program per row, as before) costs ~L / BLOCK dependent steps
+# (0.029 ms at L = 16K on the H200) and leaves the GPU idle at batch 1-8.
+_COMPACT_ONE_PASS_MAX_L = 32768
+
+
+@triton.jit(do_not_specialize=["L", "NBLK"])
+def _compact_count_kernel(MASK, COUNTS, L, NBLK, BLOCK: tl.constexpr):
+    """COUNTS[b, j] = selected queries in positions [j * BLOCK, (j + 1) * BLOCK) of row b."""
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    m = tl.load(MASK + b.to(tl.int64) * L + offs, mask=offs < L, other=0) != 0
+    tl.store(COUNTS + b.to(tl.int64) * NBLK + j, tl.sum(m.to(tl.int32), 0))
+
+
+@triton.jit(do_not_specialize=["L", "NBLK"])
+def _compact_kernel(MASK, COUNTS, SEL_POS, RANK, L, NBLK, FROM_COUNTS: tl.constexpr,
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Positions [j * BLOCK, (j + 1) * BLOCK) of batch row b: rank (selected queries before
+    each position) and the positions of the selected ones at their compacted index. The
+    prefix (selected queries before the block) comes from COUNTS (FROM_COUNTS) or from
+    summing the mask before the block."""
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    mask_base = MASK + b64 * L
+    rank_base = RANK + b64 * (L + 1)
+    pos_base = SEL_POS + b64 * (L + 1)
+    offs_c = tl.arange(0, CHUNK)
+    prefix = 0
+    if FROM_COUNTS:
+        for c0 in range(0, j, CHUNK):  # counts of blocks 0 .. j-1
+            cnt = tl.load(COUNTS + b64 * NBLK + c0 + offs_c, mask=c0 + offs_c < j, other=0)
+            prefix += tl.sum(cnt, 0)
+    else:
+        n = j * BLOCK
+        for c0 in range(0, n, CHUNK):  # mask bytes 0 .. j * BLOCK - 1
+            mb = tl.load(mask_base + c0 + offs_c, mask=c0 + offs_c < n, other=0) != 0
+            prefix += tl.sum(mb.to(tl.int32), 0)
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < L
+    m = (tl.load(mask_base + offs, mask=ok, other=0) != 0).to(tl.int32)
+    incl = tl.cumsum(m, 0) + prefix  # selected queries up to and including each position
+    if j == 0:
+        tl.store(rank_base, 0)
+    tl.store(rank_base + offs + 1, incl, mask=ok)
+    tl.store(pos_base + incl - 1, offs, mask=ok & (m != 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,14 +611,39 @@ def _compact_kernel(MASK, SEL_POS, RANK, L, BLOCK: tl.constexpr):
 def _compact(q_mask: torch.Tensor, L: int):
     """q_mask (b, L) bool -> sel_pos (b, L+1) int32 (the selected positions in order; entries
     past the count are never read), rank (b, L+1) int32 (selected queries before each
-    position; rank[:, L] = count). One small kernel, no host synchronisation."""
+    position; rank[:, L] = count). Parallel over (blocks of L, batch), no host
+    synchronisation; see `_COMPACT_ONE_PASS_MAX_L` for the one- or two-pass choice."""
     b = q_mask.shape[0]
-    sel_pos = torch.empty(b, L + 1, device=q_mask.device, dtype=torch.int32)
-    rank = torch.empty(b, L + 1, device=q_mask.device, dtype=torch.int32)
-    block = 16 if _INTERPRET else min(triton.next_power_of_2(max(L, 16)), 4096)
-    _compact_kernel[(b,)](_as_bytes(q_mask), sel_pos, rank, L, BLOCK=block,
-                          num_warps=1 if _INTERPRET else 8)
+    dev = q_mask.device
+    sel_pos = torch.empty(b, L + 1, device=dev, dtype=torch.int32)
+    if b * L == 0:
+        return sel_pos, torch.zeros(b, L + 1, device=dev, dtype=torch.int32)
+    rank = torch.empty(b, L + 1, device=dev, dtype=torch.int32)
+    mask = _as_bytes(q_mask)
+    one_pass = L <= _COMPACT_ONE_PASS_MAX_L
+    if _INTERPRET:  # tiny blocks: several blocks and prefix steps even at test sizes
+        block, chunk, warps = 16, 16, 1
+    elif one_pass:
+        block, chunk, warps = min(triton.next_power_of_2(max(L, 16)), 1024), 4096, 8
+    else:
+        block, chunk, warps = 4096, 1024, 8
+    nblk = triton.cdiv(L, block)
+    if one_pass:
+        counts = rank  # unused
+    else:
+        counts = torch.empty(b, nblk, device=dev, dtype=torch.int32)
+        _compact_count_kernel[(nblk, b)](mask, counts, L, nblk, BLOCK=block, num_warps=warps)
+        if not _INTERPRET:
+            chunk = min(chunk, triton.next_power_of_2(nblk))
+    _compact_kernel[(nblk, b)](mask, counts, sel_pos, rank, L, nblk, FROM_COUNTS=not one_pass,
+                               BLOCK=block, CHUNK=chunk, num_warps=warps)
     return sel_pos, rank
+
+
+def _empty_like(t):
+    """Uninitialised output buffers. The kernels must write every element (the tests swap in
+    a NaN-filled allocation here to catch a row left unwritten)."""
+    return torch.empty_like(t)
 
 
 def _as_bytes(mask):
@@ -575,10 +681,10 @@ class _SelectiveAttention(torch.autograd.Function):
         dense = q_mask is None
         if dense:
             sel_pos = rank = torch.empty(1, device=q.device, dtype=torch.int32)  # unused
-            o = torch.empty_like(q)  # every row is written
+            o = _empty_like(q)  # every row is written
         else:
             sel_pos, rank = _compact(q_mask.to(device=q.device, dtype=torch.bool), L)
-            o = torch.zeros_like(q)  # unselected rows stay zero; the kernel writes the rest
+            o = _empty_like(q)  # _sel_attn_fwd zeroes the unselected rows itself
         has_kv = kv_mask is not None
         off64 = _needs_int64(L, q, k, v)
         kvm = (_as_bytes(kv_mask.to(device=q.device, dtype=torch.bool)) if has_kv
@@ -603,12 +709,12 @@ class _SelectiveAttention(torch.autograd.Function):
         hkv = k.shape[2]
         do = _last_dim_contiguous(do.to(q.dtype))
         off64 = _needs_int64(L, q, k, v, do)
-        dq = torch.empty_like(q) if dense else torch.zeros_like(q)  # unselected rows: zero grad
-        dk = torch.empty_like(k)  # every key block is written by the dk/dv kernel
-        dv = torch.empty_like(v)
+        dq = _empty_like(q)  # _sel_attn_bwd_dq writes every row, zeros for unselected
+        dk = _empty_like(k)  # every key block is written by the dk/dv kernel
+        dv = _empty_like(v)
         if b * L * hq == 0:
             return dq, dk.zero_(), dv.zero_(), None, None, None, None
-        delta = torch.empty_like(lse)
+        delta = _empty_like(lse)
         blk = 16 if _INTERPRET else 64
         _bwd_delta[(triton.cdiv(L, blk), b * hq)](
             o, do, delta, sel_pos, rank, *o.stride()[:3], *do.stride()[:3], L, hq,
@@ -647,7 +753,7 @@ def selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window=None, 
     pos = pos.to(device=q.device, dtype=torch.int64).contiguous()
     # no window: anything at or before pos; 2**62 keeps pos - window from overflowing
     window = 2 ** 62 if window is None else int(window)
-    o = torch.empty_like(q)
+    o = _empty_like(q)
     if b * hq == 0:
         return o
     block_s = 16 if _INTERPRET else 128

@@ -21,11 +21,17 @@ Backward kernels:
     _chunk_state_fwd (readout mode)  dS_c from the off-diagonal readout: sum_t dy_t exp(cs_t) C_t^T
     _state_passing_bwd               reverse recurrence -> dS per chunk, d initial state, d cs_Q
     _bwd_dx_db                       rows s: dx, dB, ddt, dcs (source side of L), over heads of a group
-    _bwd_dc                          rows t: dC, dcs (target side of L), over heads of a group
+    _bwd_dc                          rows t: dC, dcs (target side of L); the group's heads are summed
+                                     on each (t, s) tile before the N-wide matmuls with B, so those
+                                     run once per tile instead of once per head
 and cheap (B, H, L)-sized torch ops for the reverse cumsum and the dt softplus/bias chain.
 
-State is accumulated in fp32 everywhere. The carried states S_{c-1} that the readout multiplies
-with C are stored in the input dtype for bf16/fp16 (they enter a bf16 matmul anyway), fp32 else.
+State is accumulated in fp32 everywhere (in registers, along the chunk recurrence and inside
+each chunk). What goes through memory between kernels is stored narrower for bf16 inputs: the
+carried states S_{c-1} (input dtype for bf16/fp16: they enter a bf16 matmul anyway), and, for
+bf16 only, each chunk's own state, C B^T, and their gradients (`_buf_dtype`): each of these is
+either a bf16 matmul operand or one addend of an fp32 running sum. Halving those buffers cut
+the memory traffic of the state passing and of the per-head reloads in the backward.
 
 Packed sequences (`seq_idx`): L_ts is zero across a change of sequence id; a chunk's state
 contribution keeps only tokens of the chunk's last sequence; the carried state is dropped when
@@ -111,7 +117,8 @@ def _dt_cumsum_fwd(
 @triton.autotune(
     configs=_configs(
         [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-         for bp, bn, bk, w, s in [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (32, 128, 64, 4, 3)]],
+         for bp, bn, bk, w, s in [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (32, 128, 64, 4, 3),
+                                  (64, 128, 64, 8, 3), (64, 128, 128, 8, 2), (64, 64, 128, 4, 2)]],
         triton.Config({"BLOCK_P": 32, "BLOCK_N": 32, "BLOCK_K": 32}),
     ),
     key=["P", "N", "Q", "READOUT"],
@@ -175,7 +182,7 @@ def _chunk_state_fwd(
         yw = (yk.to(tl.float32) * w[:, None]).to(yk.dtype)
         acc += _dot(xt, yw, F32)
     out = out_ptr + (pid_bc.to(tl.int64) * H + h) * P * N
-    tl.store(out + offs_p[:, None] * N + offs_n[None, :], acc,
+    tl.store(out + offs_p[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
 
 
@@ -216,7 +223,7 @@ def _state_passing_fwd(
         tl.store(prev_ptr + base + offs, state.to(prev_ptr.dtype.element_ty), mask=mask)
         decay = _chunk_carry(cs_ptr, seq_ptr, (b * H + h) * (nc * Q) + c * Q, b, c, L, stride_seq_b,
                              Q, HAS_SEQ)
-        state = decay * state + tl.load(states_ptr + base + offs, mask=mask, other=0.0)
+        state = decay * state + tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(final_ptr + (b * H + h) * PN + offs, state, mask=mask)
 
 
@@ -242,13 +249,13 @@ def _state_passing_bwd(
     for i in range(0, nc):
         c = nc - 1 - i
         base = ((b * nc + c) * H + h) * PN
-        tl.store(dstates_ptr + base + offs, G, mask=mask)
+        tl.store(dstates_ptr + base + offs, G.to(dstates_ptr.dtype.element_ty), mask=mask)
         decay = _chunk_carry(cs_ptr, seq_ptr, (b * H + h) * (nc * Q) + c * Q, b, c, L, stride_seq_b,
                              Q, HAS_SEQ)
         prev = tl.load(prev_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dcs_end_ptr + ((b * H + h) * nc + c) * tl.num_programs(0) + pid,
                  decay * tl.sum(G * prev, axis=0))
-        G = tl.load(dprev_ptr + base + offs, mask=mask, other=0.0) + decay * G
+        G = tl.load(dprev_ptr + base + offs, mask=mask, other=0.0).to(tl.float32) + decay * G
     tl.store(dinit_ptr + (b * H + h) * PN + offs, G, mask=mask)
 
 
@@ -288,7 +295,7 @@ def _bmm_chunk_fwd(
                       mask=(offs_s[None, :] < chunk_len) & (offs_k[:, None] < N), other=0.0)
         acc += _dot(Cm, BsT, F32)
     out = cb_ptr + ((pid_bc.to(tl.int64) * G + g) * Q) * Q
-    tl.store(out + offs_m[:, None] * Q + offs_s[None, :], acc)
+    tl.store(out + offs_m[:, None] * Q + offs_s[None, :], acc.to(cb_ptr.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +304,8 @@ def _bmm_chunk_fwd(
 @triton.autotune(
     configs=_configs(
         [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_P": bp}, num_warps=w, num_stages=s)
-         for bm, bk, bp, w, s in [(64, 64, 64, 4, 2), (64, 32, 64, 4, 3), (128, 64, 64, 8, 2)]],
+         for bm, bk, bp, w, s in [(64, 64, 64, 4, 2), (64, 32, 64, 4, 3), (128, 64, 64, 8, 2),
+                                  (64, 64, 64, 4, 3), (128, 64, 64, 4, 2), (64, 64, 32, 4, 2), (128, 32, 64, 8, 3)]],
         triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_P": 32}),
     ),
     key=["P", "N", "Q"],
@@ -402,6 +410,9 @@ def _gate_bwd(dy_ptr, z_ptr, ypre_ptr, dypre_ptr, dz_ptr, numel, BLOCK: tl.const
     sz = tl.sigmoid(z)
     tl.store(dypre_ptr + offs, (dy * z * sz).to(dypre_ptr.dtype.element_ty), mask=mask)
     tl.store(dz_ptr + offs, (dy * yp * sz * (1.0 + z * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+_BWD_CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2)]
 
 
 @triton.autotune(
@@ -533,7 +544,7 @@ def _bwd_dx_db(
 @triton.autotune(
     configs=_configs(
         [triton.Config({"BLOCK_T": bt, "BLOCK_S": bs}, num_warps=w, num_stages=s)
-         for bt, bs, w, s in [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2)]],
+         for bt, bs, w, s in _BWD_CONFIGS],
         triton.Config({"BLOCK_T": 32, "BLOCK_S": 32}),
     ),
     key=["P", "N", "Q", "HEADS_PER_PROG"],
@@ -546,13 +557,15 @@ def _bwd_dc(
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
     stride_seq_b,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HH: tl.constexpr,
     HAS_SEQ: tl.constexpr, F32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # grid (cdiv(Q, BLOCK_T), batch * n_chunks, G * N_SPLIT). Rows t of one chunk:
-    #   dC_t  = sum_{s<=t} dt_s (dy_t . x_s) L_ts B_s  +  exp(cs_t)[seq_t == seq_in] dy_t S_{c-1}
-    #   dcs_t = sum_s R_ts  +  C_t . (off-diagonal part of dC_t)
+    #   dC_t  = sum_{s<=t} (sum_h dt_s (dy_t . x_s) L_ts) B_s  +  sum_h exp(cs_t)[seq_t == seq_in] dy_t S_{c-1}
+    #   dcs_t = sum_s dCB_ts (C_t . B_s)  +  C_t . (off-diagonal part of dC_t)      (per head)
+    # As in _bwd_db the head sum is taken on the tile before the N-wide matmul; the per-head
+    # dcs rows live in a (BLOCK_HH, BLOCK_T) register tile until the end.
     pid_t = tl.program_id(0)
     pid_bc = tl.program_id(1)
     pid_gs = tl.program_id(2)
@@ -566,28 +579,28 @@ def _bwd_dc(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_hh = tl.arange(0, BLOCK_HH)
     tmask = offs_t < chunk_len
     pmask = offs_p < P
     nmask = offs_n < N
     B_base = B_ptr + b * stride_bc_b + g * stride_bc_g + t0 * stride_bc_l
     C_base = C_ptr + b * stride_bc_b + g * stride_bc_g + t0 * stride_bc_l
+    io_t = offs_t[:, None] * stride_x_l + offs_p[None, :] * stride_x_p
     Ct = tl.load(C_base + offs_t[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
                  mask=tmask[:, None] & nmask[None, :], other=0.0)                 # (BLOCK_T, BLOCK_N)
     if HAS_SEQ:
         seq_t = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_t, mask=tmask, other=-1)
         seq_in = tl.load(seq_ptr + b * stride_seq_b + tl.maximum(t0 - 1, 0))
     dC = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    hi = tl.minimum(chunk_len, (pid_t + 1) * BLOCK_T)
+    dcs = tl.zeros((BLOCK_HH, BLOCK_T), dtype=tl.float32)
 
+    # off-diagonal readout, one head at a time
     for hh in range(0, HEADS_PER_PROG):
         h = h_first + hh
         row = (b * H + h) * (nc * Q) + t0
-        xh_base = b * stride_x_b + h * stride_x_h + t0 * stride_x_l
-        dyt = tl.load(dy_ptr + xh_base + offs_t[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+        dyt = tl.load(dy_ptr + b * stride_x_b + h * stride_x_h + t0 * stride_x_l + io_t,
                       mask=tmask[:, None] & pmask[None, :], other=0.0)              # (BLOCK_T, BLOCK_P)
         cs_t = tl.load(cs_ptr + row + offs_t, mask=tmask, other=0.0)
-
-        # off-diagonal readout
         prev = tl.load(prev_ptr + (pid_bc.to(tl.int64) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
                        mask=pmask[:, None] & nmask[None, :], other=0.0)           # (BLOCK_P, BLOCK_N)
         scale = tl.exp(cs_t)
@@ -595,28 +608,40 @@ def _bwd_dc(
             scale = tl.where(seq_t == seq_in, scale, 0.0)
         dC_off = _dot(dyt, prev.to(dyt.dtype), F32) * scale[:, None]
         dC += dC_off
-        dcs_t = tl.sum(dC_off * Ct.to(tl.float32), axis=1)
+        dcs += tl.where(offs_hh[:, None] == hh, tl.sum(dC_off * Ct.to(tl.float32), axis=1)[None, :], 0.0)
 
-        for k in range(0, hi, BLOCK_S):
-            offs_s = k + tl.arange(0, BLOCK_S)
-            smask = offs_s < chunk_len
-            Bs = tl.load(B_base + offs_s[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                         mask=smask[:, None] & nmask[None, :], other=0.0)          # (BLOCK_S, BLOCK_N)
+    # diagonal blocks: sources s <= t
+    hi = tl.minimum(chunk_len, (pid_t + 1) * BLOCK_T)
+    for k in range(0, hi, BLOCK_S):
+        offs_s = k + tl.arange(0, BLOCK_S)
+        smask = offs_s < chunk_len
+        Bs = tl.load(B_base + offs_s[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
+                     mask=smask[:, None] & nmask[None, :], other=0.0)              # (BLOCK_S, BLOCK_N)
+        cb = _dot(Ct, tl.trans(Bs), F32)                                           # (BLOCK_T, BLOCK_S)
+        keep0 = (offs_t[:, None] >= offs_s[None, :]) & smask[None, :] & tmask[:, None]
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_s, mask=smask, other=-2)
+            keep0 &= seq_t[:, None] == seq_s[None, :]
+        dCB_sum = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+        for hh in range(0, HEADS_PER_PROG):
+            h = h_first + hh
+            row = (b * H + h) * (nc * Q) + t0
+            xh_base = b * stride_x_b + h * stride_x_h + t0 * stride_x_l
+            dyt = tl.load(dy_ptr + xh_base + io_t, mask=tmask[:, None] & pmask[None, :], other=0.0)
             xsT = tl.load(x_ptr + xh_base + offs_s[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
                           mask=smask[None, :] & pmask[:, None], other=0.0)         # (BLOCK_P, BLOCK_S)
+            cs_t = tl.load(cs_ptr + row + offs_t, mask=tmask, other=0.0)
             cs_s = tl.load(cs_ptr + row + offs_s, mask=smask, other=0.0)
             dt_s = tl.load(dt_ptr + row + offs_s, mask=smask, other=0.0)
-            keep = (offs_t[:, None] >= offs_s[None, :]) & smask[None, :] & tmask[:, None]
-            if HAS_SEQ:
-                seq_s = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_s, mask=smask, other=-2)
-                keep &= seq_t[:, None] == seq_s[None, :]
-            Lm = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf")))
+            Lm = tl.exp(tl.where(keep0, cs_t[:, None] - cs_s[None, :], float("-inf")))
             dCB = _dot(dyt, xsT, F32) * Lm * dt_s[None, :]                          # (BLOCK_T, BLOCK_S)
-            cb = _dot(Ct, tl.trans(Bs), F32)
-            dcs_t += tl.sum(dCB * cb, axis=1)
-            dC += _dot(dCB.to(Bs.dtype), Bs, F32)
-        tl.store(dcs_ptr + row + offs_t, dcs_t, mask=tmask)
+            dcs += tl.where(offs_hh[:, None] == hh, tl.sum(dCB * cb, axis=1)[None, :], 0.0)
+            dCB_sum += dCB
+        dC += _dot(dCB_sum.to(Bs.dtype), Bs, F32)
 
+    for hh in range(0, HEADS_PER_PROG):
+        row = (b * H + h_first + hh) * (nc * Q) + t0
+        tl.store(dcs_ptr + row + offs_t, tl.sum(tl.where(offs_hh[:, None] == hh, dcs, 0.0), axis=0), mask=tmask)
     G_ = tl.num_programs(2) // N_SPLIT
     dC_rows = (b * L + t0 + offs_t).to(tl.int64) * (N_SPLIT * G_ * N) + ((pid_gs % N_SPLIT) * G_ + g) * N
     tl.store(dC_ptr + dC_rows[:, None] + offs_n[None, :], dC, mask=tmask[:, None] & nmask[None, :])
@@ -625,6 +650,12 @@ def _bwd_dc(
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
+# Grid size below which _bwd_dx_db/_bwd_dc split a group's heads over programs (partial dB/dC
+# summed outside). Larger splits fill the GPU; _bwd_dc then redoes its per-tile N-wide matmuls
+# once per split instead of once per group.
+_SPLIT_TARGET = 2048
+
+
 def _n_split(heads_per_group: int, programs: int, target: int = 2048) -> int:
     """Split a group's heads over programs until the grid is large enough (dB/dC are summed)."""
     split = 1
@@ -638,6 +669,13 @@ def _n_split(heads_per_group: int, programs: int, target: int = 2048) -> int:
 
 def _prev_dtype(x):
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _buf_dtype(x):
+    """Storage of per-chunk intermediates (chunk states, their gradients, C B^T): bf16 for bf16
+    inputs, since each enters a bf16 matmul or an fp32 running sum (the carried state and its
+    gradient stay fp32 in registers); fp32 otherwise (fp16's range is too small for states)."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
 
 def _forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx):
@@ -661,7 +699,7 @@ def _forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_st
 
     seq = seq_idx if seq_idx is not None else cs   # dummy pointer when absent
     stride_seq = seq_idx.stride(0) if seq_idx is not None else 0
-    states = torch.empty(b, nc, h, p, n, device=dev, dtype=torch.float32)
+    states = torch.empty(b, nc, h, p, n, device=dev, dtype=_buf_dtype(x))
     grid = lambda M: (triton.cdiv(p, M["BLOCK_P"]) * triton.cdiv(n, M["BLOCK_N"]) * h, b * nc)
     _chunk_state_fwd[grid](
         x, B, dt_p, cs, seq, states, l, h, p, n, h // g,
@@ -679,7 +717,7 @@ def _forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_st
     )
     del states
 
-    cb = torch.empty(b, nc, g, Q, Q, device=dev, dtype=torch.float32)             # C_t . B_s per chunk
+    cb = torch.empty(b, nc, g, Q, Q, device=dev, dtype=_buf_dtype(x))             # C_t . B_s per chunk
     BQ = min(Q, 64)
     _bmm_chunk_fwd[((Q // BQ) ** 2, b * nc, g)](
         C, B, cb, l, g, n, *B.stride(), Q=Q, BLOCK_M=BQ, BLOCK_S=BQ, BLOCK_K=min(_pow2(n), 64), F32=F32,
@@ -721,7 +759,7 @@ def _backward(ctx, dy, dfinal):
         dy = dy_pre
 
     # dS_{c-1} from the off-diagonal readout of chunk c: sum_t exp(cs_t) dy_t C_t^T   (B, nc, H, P, N)
-    dprev = torch.empty(b, nc, h, p, n, device=dev, dtype=torch.float32)
+    dprev = torch.empty(b, nc, h, p, n, device=dev, dtype=_buf_dtype(x))
     grid = lambda M: (triton.cdiv(p, M["BLOCK_P"]) * triton.cdiv(n, M["BLOCK_N"]) * h, b * nc)
     _chunk_state_fwd[grid](
         dy, C, dt_p, cs, seq, dprev, l, h, p, n, h // g,
@@ -747,12 +785,12 @@ def _backward(ctx, dy, dfinal):
     ddt = torch.zeros(b, h, nc * Q, device=dev, dtype=torch.float32)
     dcs_a = torch.zeros_like(ddt)
     dcs_b = torch.zeros_like(ddt)
+    dcse = torch.zeros_like(ddt)
     BLOCK_P, BLOCK_N = _pow2(p), _pow2(n)
     n_sblk_max = triton.cdiv(Q, 32)   # partial buffers sized for the smallest row block
-    split = _n_split(hpg, triton.cdiv(Q, 64) * b * nc * g)
+    split = _n_split(hpg, triton.cdiv(Q, 64) * b * nc * g, target=_SPLIT_TARGET)
     dB_sp = torch.empty(b, l, split, g, n, device=dev, dtype=torch.float32)
     dC_sp = torch.empty_like(dB_sp)
-    dcse = torch.zeros_like(ddt)
     dD_sp = torch.zeros(b * nc, n_sblk_max, h, p, device=dev, dtype=torch.float32) if D is not None else None
     grid = lambda M: (triton.cdiv(Q, M["BLOCK_S"]), b * nc, g * split)
     _bwd_dx_db[grid](
@@ -767,7 +805,7 @@ def _backward(ctx, dy, dfinal):
         x, B, C, dy, dt_p, cs, seq, prev, dC_sp, dcs_b,
         l, h, p, n, hpg, hpg // split, split,
         *x.stride(), *B.stride(), stride_seq,
-        Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, HAS_SEQ=has_seq, F32=F32,
+        Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK_HH=_pow2(hpg // split, 1), HAS_SEQ=has_seq, F32=F32,
     )
     del dstates
 

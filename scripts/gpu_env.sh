@@ -1,7 +1,7 @@
 # Source this on the GPU machine, from the repository root: makes `import hybridlab` (with its
 # mapped subpackages blocks/ and kernels/) work without pip, whose build backend is absent there.
 # Run Python with -P so the repository's own hybridlab/ folder does not shadow the mapping.
-ROOT=$(pwd)
+export ROOT=$(pwd)
 rm -rf /tmp/hl && mkdir -p /tmp/hl/hybridlab
 for f in "$ROOT"/hybridlab/*; do ln -s "$f" /tmp/hl/hybridlab/; done
 ln -s "$ROOT/blocks" /tmp/hl/hybridlab/blocks

@@ -29,6 +29,14 @@ TOL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    """Output buffers start as NaN instead of whatever the allocator hands out (often zeros on
+    the CPU), so a row the kernels forget to write (e.g. an unselected query's zero row of o
+    or dq) fails the comparisons below."""
+    monkeypatch.setattr(sat, "_empty_like", lambda t: torch.full_like(t, float("nan")))
+
+
 def _check(name, got, want, tol):
     got, want = got.float(), want.float()
     ref_norm = want.norm().item()
@@ -50,8 +58,9 @@ def _selection(b, L, capacity, device, generator=None):
 
 
 def _run_case(b, L, hq, hkv, d, dtype, window, capacity, kv_mode, device, grads=True,
-              fused_qkv=False):
-    """capacity None: no masks (dense). kv_mode: 'selected' (kv_mask = q_mask), 'random', None."""
+              fused_qkv=False, q_mask=None):
+    """capacity None: no masks (dense), unless q_mask is given. kv_mode: 'selected'
+    (kv_mask = q_mask), 'random', None."""
     if fused_qkv:  # q/k/v as strided views of one projection output, like a fused in-proj
         qkv = torch.randn(b, L, hq + 2 * hkv, d, device=device, dtype=dtype)
         q, k, v = qkv.split([hq, hkv, hkv], dim=2)
@@ -60,7 +69,8 @@ def _run_case(b, L, hq, hkv, d, dtype, window, capacity, kv_mode, device, grads=
         q = torch.randn(b, L, hq, d, device=device, dtype=dtype, requires_grad=grads)
         k = torch.randn(b, L, hkv, d, device=device, dtype=dtype, requires_grad=grads)
         v = torch.randn(b, L, hkv, d, device=device, dtype=dtype, requires_grad=grads)
-    q_mask = None if capacity is None else _selection(b, L, capacity, device)
+    if q_mask is None and capacity is not None:
+        q_mask = _selection(b, L, capacity, device)
     if kv_mode == "selected":
         kv_mask = q_mask
     elif kv_mode == "random":
@@ -75,6 +85,7 @@ def _run_case(b, L, hq, hkv, d, dtype, window, capacity, kv_mode, device, grads=
     o_ref = selective_attention_ref(q32, k32, v32, q_mask, kv_mask, window)
     tol = TOL[dtype]
     _check("out", o, o_ref, tol)
+    assert not o.isnan().any(), "every output row must be written"
     if q_mask is not None:
         assert (o[~q_mask] == 0).all(), "unselected queries must output zeros"
     if not grads:
@@ -85,8 +96,25 @@ def _run_case(b, L, hq, hkv, d, dtype, window, capacity, kv_mode, device, grads=
     _check("dq", dq, dq_ref, tol)
     _check("dk", dk, dk_ref, tol)
     _check("dv", dv, dv_ref, tol)
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not g.isnan().any(), f"every {name} row must be written"
     if q_mask is not None:
         assert (dq[~q_mask] == 0).all(), "unselected queries must get zero dq"
+
+
+def _mixed_selection(b, L, device):
+    """Row 0 selects nothing, row 1 everything, the others a mix of edge patterns (every row
+    but the last, only the last, only the first, random), so the zeroing of unselected rows
+    meets empty rows, full rows, long gaps and short tails in one batch."""
+    mask = torch.rand(b, L, device=device) < 0.3
+    mask[0] = False
+    mask[1] = True
+    patterns = [lambda m: m.fill_(True).__setitem__(-1, False),  # all but the last
+                lambda m: m.fill_(False).__setitem__(-1, True),  # only the last
+                lambda m: m.fill_(False).__setitem__(0, True)]  # only the first
+    for i in range(2, min(b, 2 + len(patterns))):
+        patterns[i - 2](mask[i])
+    return mask
 
 
 # (b, L, hq, hkv, dtype, window, capacity, kv_mode): tiny, under the interpreter on the CPU
@@ -109,6 +137,55 @@ CPU_CASES = [
 @pytest.mark.parametrize("b, L, hq, hkv, dtype, window, capacity, kv_mode", CPU_CASES)
 def test_selective_attention_matches_reference(b, L, hq, hkv, dtype, window, capacity, kv_mode):
     _run_case(b, L, hq, hkv, 16, dtype, window, capacity, kv_mode, DEVICE)
+
+
+# (b, L, hq, hkv, dtype, window, kv_mode): zero / all / edge selections in one batch
+MIXED_CASES = [
+    pytest.param(5, 45, 2, 1, torch.float32, 20, None, id="odd-gqa-window"),
+    pytest.param(3, 37, 2, 2, torch.float32, None, "selected", id="odd-kv=q-causal"),
+    pytest.param(2, 32, 2, 1, torch.float16, 9, "random", id="fp16-kvrandom-gqa"),
+]
+
+
+@pytest.mark.parametrize("b, L, hq, hkv, dtype, window, kv_mode", MIXED_CASES)
+def test_mixed_selections_zero_rows_and_grads(b, L, hq, hkv, dtype, window, kv_mode):
+    """Unselected rows of o and dq come out exactly zero (from NaN-filled buffers: the kernels
+    write them, nothing is pre-zeroed) and the rest matches the reference, with a batch row
+    that selects nothing and one that selects everything."""
+    q_mask = _mixed_selection(b, L, DEVICE)
+    _run_case(b, L, hq, hkv, 16, dtype, window, None, kv_mode, DEVICE, q_mask=q_mask)
+
+
+def _compact_ref(mask):
+    b, L = mask.shape
+    rank = torch.zeros(b, L + 1, dtype=torch.int32, device=mask.device)
+    rank[:, 1:] = mask.int().cumsum(1)
+    return rank
+
+
+@pytest.mark.parametrize("one_pass, L", [
+    (True, 1), (True, 16), (True, 17), (True, 70),  # 70: several blocks and prefix steps
+    (False, 1), (False, 17), (False, 70), (False, 290),  # 290: 19 block counts, 2 steps
+])
+def test_compact_matches_cumsum(monkeypatch, one_pass, L):
+    """rank = exclusive prefix count (rank[:, L] = count); sel_pos[:count] = the selected
+    positions in order; both the one-pass and the two-pass (per-block counts) compaction.
+    (Interpreter blocks are 16 positions and prefix steps 16 entries.)"""
+    monkeypatch.setattr(sat, "_COMPACT_ONE_PASS_MAX_L", 1 << 30 if one_pass else 0)
+    mask = _mixed_selection(5, L, DEVICE)
+    sel_pos, rank = sat._compact(mask, L)
+    assert sel_pos.shape == rank.shape == (5, L + 1)
+    assert sel_pos.dtype == rank.dtype == torch.int32
+    assert torch.equal(rank, _compact_ref(mask))
+    for i in range(5):
+        count = int(rank[i, L])
+        assert torch.equal(sel_pos[i, :count].long(), mask[i].nonzero().flatten())
+
+
+def test_two_pass_compaction_end_to_end(monkeypatch):
+    monkeypatch.setattr(sat, "_COMPACT_ONE_PASS_MAX_L", 0)
+    q_mask = _mixed_selection(3, 41, DEVICE)
+    _run_case(3, 41, 2, 1, 16, torch.float32, 13, None, "selected", DEVICE, q_mask=q_mask)
 
 
 def test_strided_views_of_fused_projection():

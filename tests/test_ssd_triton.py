@@ -148,6 +148,15 @@ def test_chunked_fp32_cpu(case):
 
 
 @interpreter_only
+@pytest.mark.parametrize("split_target", [1, 10**9], ids=["heads_in_one_program", "split_per_head"])
+def test_head_sum_split_cpu(monkeypatch, split_target):
+    """dB/dC sum a group's heads inside one program, or over split programs: same gradients.
+    Three heads per group (not a power of two) so the per-head dcs rows are partly masked."""
+    monkeypatch.setattr(ssd_triton, "_SPLIT_TARGET", split_target)
+    check_against_ref((1, 70, 6, 2, 16, 16), torch.float32, "cpu", 32, boundaries=(33,))
+
+
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_chunked_low_precision_cpu(dtype):
     # the interpreter computes dots in fp32 (its bf16 dot is broken), the rest in the real dtype
