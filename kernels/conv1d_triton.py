@@ -10,10 +10,12 @@ so, with dpre = dy * silu'(a),
     dw[j]   = sum_t dpre[t] * x[t-(k-1)+j] * [same sequence]
     dbias   = sum_t dpre[t]
 
-The backward recomputes `a` (it saves only x), so it reads x and dy once from DRAM and writes dx
-once: the memory floor of the op. Shifted tiles are re-read from L1/L2. x is (b, l, d) with any
-strides (Mamba-2 slices x/B/C out of the in-projection, so rows are usually not contiguous);
-all math is fp32.
+The backward recomputes `a` (it saves only x). Two implementations, picked by `_BWD_IMPL`:
+"v1" is one fused kernel that reads x and dy once from DRAM and writes dx once (the memory floor
+of the op) but recomputes dpre at k shifts per tile (register-bound); "v2" (default) splits it
+into a dpre kernel (+ dw/dbias partials) and a dx stencil over a dpre scratch buffer. Shifted
+tiles are re-read from L1/L2. x is (b, l, d) with any strides (Mamba-2 slices x/B/C out of the
+in-projection, so rows are usually not contiguous); all math is fp32.
 """
 from __future__ import annotations
 
@@ -330,6 +332,162 @@ def _conv_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# backward, v2: two streaming kernels instead of one fused kernel
+#
+# v1 (above) recomputes dpre at t, t+1, .., t+k-1 for each tile, so it keeps ~7 fp32 tiles
+# live and issues 3k-1 shifted loads per tile: register-bound, low occupancy, ~8x the memory
+# floor on the H200. v2 splits the work:
+#
+#   A  (_conv_bwd_dpre_kernel): pre = bias + sum_j w_j x[t-(k-1)+j] (k shifted loads, masked at
+#      0 and at sequence boundaries as the forward), dpre = dy * silu'(pre), written to a
+#      contiguous (b, l, d) scratch; dw[j] = sum_t dpre[t] x[t-(k-1)+j] and dbias = sum_t dpre
+#      accumulated over a CHUNK_L run of rows into per-program fp32 slots (summed in torch:
+#      deterministic, no atomics).
+#   B  (_conv_bwd_dx_kernel): dx[t] = sum_i w[k-1-i] dpre[t+i] [t+i < l, s[t+i] == s[t]].
+#
+# Each kernel holds ~2-3 tiles live. DRAM traffic per element: x, dy read, dpre written (A);
+# dpre read, dx written (B). With a 16-bit scratch that is 10 bytes against the fused floor's 6
+# (bf16); with fp32 scratch 14.
+#
+# Scratch precision: dpre = dy * silu'(a) with silu' in (-0.1, 1.1], so it has dy's range, and
+# dy already comes in x's dtype. Storing it in that dtype (bf16/fp16) adds one rounding per
+# term of the k-term sum for dx, which is itself rounded to the same dtype: relative error about
+# 2x the unavoidable output rounding. dw and dbias use the fp32 dpre inside kernel A, so they
+# are unaffected. `_BWD_DPRE_LOWP = False` keeps the scratch in fp32 (for A/B checks).
+# Offsets: per-tile base pointers are formed in int64 (batch, row0); in-tile offsets are small.
+
+
+@triton.autotune(
+    configs=_configs(
+        {"BLOCK_L": 16, "BLOCK_D": 16},
+        [({"BLOCK_L": 32, "BLOCK_D": 128}, 4), ({"BLOCK_L": 64, "BLOCK_D": 128}, 8),
+         ({"BLOCK_L": 16, "BLOCK_D": 256}, 4), ({"BLOCK_L": 32, "BLOCK_D": 256}, 8),
+         ({"BLOCK_L": 64, "BLOCK_D": 64}, 4), ({"BLOCK_L": 64, "BLOCK_D": 256}, 8)],
+    ),
+    key=["D", "K", "HAS_SEQ", "SILU", "CHUNK_L"],
+)
+@triton.jit
+def _conv_bwd_dpre_kernel(
+    x_ptr, w_ptr, b_ptr, seq_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr,
+    L, D, n_chunks,
+    sxb, sxl, sxd, swd, swk, ssb, ssl, sdyb, sdyl, sdyd,
+    K: tl.constexpr, KP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    CHUNK_L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program: BLOCK_D channels x CHUNK_L rows of one batch row, in BLOCK_L steps.
+    g_ptr: contiguous (b, l, d) dpre scratch. dw_ptr: (b * n_chunks, k, d) fp32 partials,
+    db_ptr: (b * n_chunks, d) fp32 partials."""
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = c < D
+    r = tl.arange(0, BLOCK_L)
+    kidx = tl.arange(0, KP)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    x_b = x_ptr + pid_b * sxb
+    dy_b = dy_ptr + pid_b * sdyb
+    g_b = g_ptr + pid_b * L * D
+    seq_b = seq_ptr + pid_b * ssb
+    db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dw_acc = tl.zeros((KP, BLOCK_D), dtype=tl.float32)
+    for it in range(CHUNK_L // BLOCK_L):
+        t0 = pid_l * CHUNK_L + it * BLOCK_L
+        t = t0 + r
+        tmask = t < L
+        t064 = t0.to(tl.int64)
+        x_t = x_b + t064 * sxl  # row t0 of this batch row; tap rows are r + o, o <= 0
+        if HAS_SEQ:
+            s_t = tl.load(seq_b + t * ssl, mask=tmask, other=-1)
+        a = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+        for j in tl.static_range(K):
+            o = j - (K - 1)
+            m = (t + o >= 0) & tmask
+            if HAS_SEQ:
+                s_q = tl.load(seq_b + (t + o) * ssl, mask=m, other=-2)
+                m = m & (s_q == s_t)
+            xq = tl.load(x_t + (r + o)[:, None] * sxl + c[None, :] * sxd,
+                         mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            w_j = tl.load(w_ptr + c * swd + j * swk, mask=cmask, other=0.0).to(tl.float32)
+            a += xq * w_j[None, :]
+        tile = tmask[:, None] & cmask[None, :]
+        dy = tl.load(dy_b + t064 * sdyl + r[:, None] * sdyl + c[None, :] * sdyd,
+                     mask=tile, other=0.0).to(tl.float32)
+        g = _dsilu_mul(dy, a, SILU)  # 0 outside the tile's valid rows (dy masked to 0)
+        tl.store(g_b + t064 * D + r[:, None] * D + c[None, :], g.to(g_ptr.dtype.element_ty),
+                 mask=tile)
+        db_acc += tl.sum(g, axis=0)
+        # dw: the k tap tiles again (L1/L2 hits). In sm_90 PTX for k=4, bf16, 32x128 the
+        # compiler reloads them when SILU is on and keeps the first reads live without it.
+        for j in tl.static_range(K):
+            o = j - (K - 1)
+            m = (t + o >= 0) & tmask
+            if HAS_SEQ:
+                s_q = tl.load(seq_b + (t + o) * ssl, mask=m, other=-2)
+                m = m & (s_q == s_t)
+            xq = tl.load(x_t + (r + o)[:, None] * sxl + c[None, :] * sxd,
+                         mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            contrib = tl.sum(g * xq, axis=0)
+            dw_acc += tl.where(kidx[:, None] == j, contrib[None, :], 0.0)
+    slot = pid_b * n_chunks + pid_l
+    tl.store(dw_ptr + slot * K * D + kidx[:, None] * D + c[None, :], dw_acc,
+             mask=(kidx[:, None] < K) & cmask[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + slot * D + c, db_acc, mask=cmask)
+
+
+@triton.autotune(
+    configs=_configs(
+        {"BLOCK_L": 16, "BLOCK_D": 16},
+        [({"BLOCK_L": 64, "BLOCK_D": 128}, 4), ({"BLOCK_L": 32, "BLOCK_D": 128}, 4),
+         ({"BLOCK_L": 64, "BLOCK_D": 256}, 8), ({"BLOCK_L": 128, "BLOCK_D": 128}, 8),
+         ({"BLOCK_L": 16, "BLOCK_D": 256}, 4), ({"BLOCK_L": 32, "BLOCK_D": 64}, 4)],
+    ),
+    key=["D", "K", "HAS_SEQ"],
+)
+@triton.jit
+def _conv_bwd_dx_kernel(
+    g_ptr, w_ptr, seq_ptr, dx_ptr,
+    L, D,
+    swd, swk, ssb, ssl, sdxb, sdxl, sdxd,
+    K: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dx[t] = sum_i w[k-1-i] dpre[t+i] over t+i < l in t's sequence; g_ptr is the contiguous
+    (b, l, d) dpre scratch from `_conv_bwd_dpre_kernel`."""
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = c < D
+    r = tl.arange(0, BLOCK_L)
+    t0 = pid_l * BLOCK_L
+    t = t0 + r
+    tmask = t < L
+    t064 = t0.to(tl.int64)
+    g_t = g_ptr + (pid_b * L + t064) * D
+    seq_b = seq_ptr + pid_b * ssb
+    if HAS_SEQ:
+        s_t = tl.load(seq_b + t * ssl, mask=tmask, other=-1)
+    dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for i in tl.static_range(K):
+        m = t + i < L
+        if HAS_SEQ:
+            s_p = tl.load(seq_b + (t + i) * ssl, mask=m, other=-2)
+            m = m & (s_p == s_t)
+        gi = tl.load(g_t + (r + i)[:, None] * D + c[None, :],
+                     mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        w_i = tl.load(w_ptr + c * swd + (K - 1 - i) * swk, mask=cmask, other=0.0).to(tl.float32)
+        dx += gi * w_i[None, :]
+    tl.store(dx_ptr + pid_b * sdxb + t064 * sdxl + r[:, None] * sdxl + c[None, :] * sdxd,
+             dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
 # one-token update (decoding)
 
 
@@ -402,7 +560,7 @@ def _conv_fwd(x, weight, bias, seq_idx, silu):
     return y
 
 
-def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
+def _conv_bwd_v1(x, weight, bias, seq_idx, dy, silu):
     b, l, d = x.shape
     k = weight.shape[1]
     chunk = _chunk_l(l)
@@ -425,6 +583,64 @@ def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
     dw = dw_part.sum(0).t().to(weight.dtype)  # (d, k)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db
+
+
+def _chunk_l_v2(l):
+    # Rows per dpre program (dw/dbias partial slots: b * l / CHUNK_L). A multiple of every
+    # BLOCK_L of `_conv_bwd_dpre_kernel`'s configs (<= 64).
+    if _INTERPRET:
+        return 32
+    return 256 if l >= 4096 else 64
+
+
+def _conv_bwd_v2(x, weight, bias, seq_idx, dy, silu):
+    b, l, d = x.shape
+    k = weight.shape[1]
+    chunk = _chunk_l_v2(l)
+    n_chunks = triton.cdiv(l, chunk)
+    lowp = _BWD_DPRE_LOWP and dy.dtype in (torch.bfloat16, torch.float16)
+    g = torch.empty((b, l, d), device=x.device, dtype=dy.dtype if lowp else torch.float32)
+    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
+    dw_part = torch.empty((b * n_chunks, k, d), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((b * n_chunks, d), device=x.device, dtype=torch.float32) if bias is not None else dw_part
+    has_seq = seq_idx is not None
+    seq = seq_idx if has_seq else x
+    ssb, ssl = (seq.stride(0), seq.stride(1)) if has_seq else (0, 0)
+    grid_a = lambda META: (n_chunks, triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
+    _conv_bwd_dpre_kernel[grid_a](
+        x, weight, bias if bias is not None else weight, seq, dy, g, dw_part, db_part,
+        l, d, n_chunks,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), ssb, ssl,
+        dy.stride(0), dy.stride(1), dy.stride(2),
+        K=k, KP=triton.next_power_of_2(k),
+        HAS_BIAS=bias is not None, HAS_SEQ=has_seq, SILU=silu, CHUNK_L=chunk,
+    )
+    grid_b = lambda META: (triton.cdiv(l, META["BLOCK_L"]), triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
+    _conv_bwd_dx_kernel[grid_b](
+        g, weight, seq, dx,
+        l, d,
+        weight.stride(0), weight.stride(1), ssb, ssl, dx.stride(0), dx.stride(1), dx.stride(2),
+        K=k, HAS_SEQ=has_seq,
+    )
+    dw = dw_part.sum(0).t().to(weight.dtype)  # (d, k)
+    db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
+# Backward implementation, for A/B timing: "v1" the fused single kernel, "v2" the two-kernel
+# split (dpre + dw/dbias partials, then the dx stencil).
+_BWD_IMPL = os.environ.get("HYBRIDLAB_CONV_BWD", "v2")
+# v2 only: keep the dpre scratch in dy's dtype when that is bf16/fp16 (else fp32).
+_BWD_DPRE_LOWP = os.environ.get("HYBRIDLAB_CONV_BWD_LOWP", "1") != "0"
+_BWD_IMPLS = {"v1": _conv_bwd_v1, "v2": _conv_bwd_v2}
+
+
+def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
+    try:
+        impl = _BWD_IMPLS[_BWD_IMPL]
+    except KeyError:
+        raise ValueError(f"unknown _BWD_IMPL {_BWD_IMPL!r}; one of {sorted(_BWD_IMPLS)}") from None
+    return impl(x, weight, bias, seq_idx, dy, silu)
 
 
 class CausalConv1dFn(torch.autograd.Function):

@@ -412,13 +412,15 @@ def _gate_bwd(dy_ptr, z_ptr, ypre_ptr, dypre_ptr, dz_ptr, numel, BLOCK: tl.const
     tl.store(dz_ptr + offs, (dy * yp * sz * (1.0 + z * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-_BWD_CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2)]
+# (rows, columns, warps, stages) of the backward kernels' (s, t) tiles. Short loops of small
+# tiles: deeper pipelining and smaller tiles (more programs per SM) are what hide latency here.
+_BWD_CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 8, 3), (64, 64, 4, 3)]
 
 
 @triton.autotune(
     configs=_configs(
         [triton.Config({"BLOCK_S": bs, "BLOCK_T": bt}, num_warps=w, num_stages=s)
-         for bs, bt, w, s in [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2)]],
+         for bs, bt, w, s in _BWD_CONFIGS + [(64, 128, 8, 2)]],
         triton.Config({"BLOCK_S": 32, "BLOCK_T": 32}),
     ),
     key=["P", "N", "Q", "HEADS_PER_PROG"],
@@ -544,7 +546,7 @@ def _bwd_dx_db(
 @triton.autotune(
     configs=_configs(
         [triton.Config({"BLOCK_T": bt, "BLOCK_S": bs}, num_warps=w, num_stages=s)
-         for bt, bs, w, s in _BWD_CONFIGS],
+         for bt, bs, w, s in _BWD_CONFIGS + [(64, 64, 4, 4), (32, 64, 4, 3)]],
         triton.Config({"BLOCK_T": 32, "BLOCK_S": 32}),
     ),
     key=["P", "N", "Q", "HEADS_PER_PROG"],

@@ -140,6 +140,32 @@ def block_section():
     kernel_table(step, "mamba2 block fwd+bwd B8 L8192 d768", top=25)
 
 
+def conv_section():
+    """conv1d + SiLU backward implementations side by side (module switch _BWD_IMPL)."""
+    from hybridlab.kernels import conv1d_triton as ct
+
+    b, l, d, k = 8, 8192, 1792, 4
+    x = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(d, k, device="cuda", requires_grad=True)
+    bias = torch.randn(d, device="cuda", requires_grad=True)
+    dy = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
+    grads = {}
+    for impl in ("v1", "v2"):
+        if not hasattr(ct, "_BWD_IMPL"):
+            break
+        ct._BWD_IMPL = impl
+
+        def fb():
+            y = ct.causal_conv1d(x, w, bias)
+            return torch.autograd.grad(y, (x, w, bias), dy)
+
+        grads[impl] = fb()
+        print(f"conv1d B{b} L{l} D{d} k{k} bwd {impl}: fwd+bwd {bench(fb):.3f} ms")
+    if len(grads) == 2:
+        print("  v2 vs v1 rel diff (dx, dw, db):", " ".join(
+            f"{((a.float() - c.float()).norm() / c.float().norm()).item():.2e}" for a, c in zip(grads["v2"], grads["v1"])))
+
+
 def train_section():
     """Per-kernel time of one training step (fwd + bwd + AdamW) of the 190M models."""
     from hybridlab.graph import load_arch
@@ -211,11 +237,12 @@ def decode_section():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--old")
-    ap.add_argument("--sections", default="ssd,attention,block,train,decode")
+    ap.add_argument("--sections", default="ssd,attention,conv,block,train,decode")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     sections = {"ssd": lambda: ssd_section(args.old), "attention": attention_section,
-                "block": block_section, "train": train_section, "decode": decode_section}
+                "conv": conv_section, "block": block_section, "train": train_section,
+                "decode": decode_section}
     for s in args.sections.split(","):
         t0 = time.time()
         try:

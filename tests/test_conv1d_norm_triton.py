@@ -45,6 +45,15 @@ def check_grads(got, want, dtype, what):
 
 # ----------------------------------------------------------------------------- conv1d
 
+BWD_IMPLS = sorted(ct._BWD_IMPLS)
+
+
+@pytest.fixture(params=BWD_IMPLS)
+def bwd_impl(request, monkeypatch):
+    """Runs a backward test under each backward implementation (`_BWD_IMPL`)."""
+    monkeypatch.setattr(ct, "_BWD_IMPL", request.param)
+    return request.param
+
 
 def _conv_case(b, l, d, k, dtype, w_dtype, seq_idx, use_bias, activation="silu", strided=False):
     if strided:  # x sliced out of a wider (b, l, 3d) projection, as Mamba-2's xBC split does
@@ -83,15 +92,94 @@ def _conv_case(b, l, d, k, dtype, w_dtype, seq_idx, use_bias, activation="silu",
         (5, torch.float32, torch.float32, True, True),  # k > 4 takes the generic backward path
     ],
 )
-def test_conv1d_matches_reference(k, dtype, w_dtype, packed, use_bias):
+def test_conv1d_matches_reference(k, dtype, w_dtype, packed, use_bias, bwd_impl):
     b, l, d = 2, 37, 20  # odd length, d not a multiple of the channel block
     seq = packed_seq_idx(b, l, [[1, 3, 4, 20], [29]]) if packed else None  # incl. 1-token sequences
     _conv_case(b, l, d, k, dtype, w_dtype, seq, use_bias)
 
 
-def test_conv1d_no_activation_strided_input():
+def test_conv1d_no_activation_strided_input(bwd_impl):
     seq = packed_seq_idx(1, 23, [[7]])
     _conv_case(1, 23, 12, 4, torch.float32, torch.float32, seq, True, activation=None, strided=True)
+
+
+@pytest.mark.parametrize(
+    "k,dtype,packed,use_bias,activation",
+    [
+        (4, torch.float32, True, False, None),
+        (3, torch.float32, False, True, None),
+        (2, torch.bfloat16, True, False, "silu"),
+        (3, torch.bfloat16, True, True, None),
+        (4, torch.bfloat16, False, False, "silu"),
+    ],
+)
+def test_conv1d_grads_more_cases(k, dtype, packed, use_bias, activation, bwd_impl):
+    """Odd l over several row tiles and chunks; boundaries at, just before and just after tile
+    edges (the CPU tiles are 16 rows, chunks 32) and mid-tile; strided (non-contiguous) x."""
+    b, l, d = 2, 51, 20
+    seq = packed_seq_idx(b, l, [[15, 16, 33, 40], [2, 31, 32, 50]]) if packed else None
+    _conv_case(b, l, d, k, dtype, dtype, seq, use_bias, activation=activation, strided=packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv1d_bwd_v2_fp32_scratch(dtype, monkeypatch):
+    """v2 with the dpre scratch kept in fp32 (`_BWD_DPRE_LOWP = False`) agrees too, and the
+    16-bit scratch costs little against it."""
+    monkeypatch.setattr(ct, "_BWD_IMPL", "v2")
+    b, l, d, k = 1, 37, 20, 4
+    seq = packed_seq_idx(b, l, [[5, 17]])
+    x = torch.randn(b, l, d, device=DEV, dtype=dtype)
+    w = 0.5 * torch.randn(d, k, device=DEV, dtype=dtype)
+    bias = 0.2 * torch.randn(d, device=DEV, dtype=dtype)
+    dy = torch.randn(b, l, d, device=DEV, dtype=dtype)
+    grads = {}
+    for lowp in (True, False):
+        monkeypatch.setattr(ct, "_BWD_DPRE_LOWP", lowp)
+        ins = [leaf(x), leaf(w), leaf(bias)]
+        y = ct.causal_conv1d(*ins, seq_idx=seq)
+        grads[lowp] = torch.autograd.grad(y, ins, dy)
+    ref_ins = [leaf(t.float()) for t in (x, w, bias)]
+    want = torch.autograd.grad(causal_conv1d_ref(*ref_ins, seq_idx=seq), ref_ins, dy.float())
+    for lowp in (True, False):
+        check_grads(grads[lowp], want, dtype, ["dx", "dweight", "dbias"])
+    # dweight and dbias come from the fp32 dpre either way; dx differs by the scratch rounding
+    assert torch.equal(grads[True][1], grads[False][1]) and torch.equal(grads[True][2], grads[False][2])
+    assert rel(grads[True][0], grads[False][0]) < TOL[dtype]
+
+
+def test_conv1d_bwd_impls_agree(monkeypatch):
+    """v1 and v2 give the same gradients (fp32, up to summation order)."""
+    b, l, d, k = 1, 45, 20, 4
+    seq = packed_seq_idx(b, l, [[9, 10, 32]])
+    x, w, bias = torch.randn(b, l, d), torch.randn(d, k), torch.randn(d)
+    x, w, bias, seq = x.to(DEV), w.to(DEV), bias.to(DEV), seq.to(DEV)
+    dy = torch.randn(b, l, d, device=DEV)
+    out = {}
+    for impl in BWD_IMPLS:
+        monkeypatch.setattr(ct, "_BWD_IMPL", impl)
+        ins = [leaf(x), leaf(w), leaf(bias)]
+        out[impl] = torch.autograd.grad(ct.causal_conv1d(*ins, seq_idx=seq), ins, dy)
+    for a, b_ in zip(out["v1"], out["v2"]):
+        assert rel(a, b_) < 1e-6
+
+
+def test_conv1d_bwd_broadcast_dy(bwd_impl):
+    """y.sum() hands the backward an expanded dy (all strides 0)."""
+    b, l, d, k = 1, 21, 12, 3
+    seq = packed_seq_idx(b, l, [[6]])
+    x, w = leaf(torch.randn(b, l, d, device=DEV)), leaf(torch.randn(d, k, device=DEV))
+    got = torch.autograd.grad(ct.causal_conv1d(x, w, seq_idx=seq).sum(), [x, w])
+    xr, wr = leaf(x), leaf(w)
+    want = torch.autograd.grad(causal_conv1d_ref(xr, wr, seq_idx=seq).sum(), [xr, wr])
+    check_grads(got, want, torch.float32, ["dx", "dweight"])
+
+
+def test_conv1d_bwd_impl_switch(monkeypatch):
+    monkeypatch.setattr(ct, "_BWD_IMPL", "nope")
+    x = leaf(torch.randn(1, 4, 4, device=DEV))
+    y = ct.causal_conv1d(x, torch.randn(4, 2, device=DEV))
+    with pytest.raises(ValueError, match="_BWD_IMPL"):
+        y.sum().backward()
 
 
 def test_conv1d_packed_equals_separate():
@@ -185,7 +273,7 @@ def test_rms_norm_matches_reference(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True])
-def test_conv1d_gpu_real_shape(packed):
+def test_conv1d_gpu_real_shape(packed, bwd_impl):
     b, l, d = 2, 4099, 1792
     seq = packed_seq_idx(b, l, [[1, 1000, 2500], [4000]]) if packed else None
     _conv_case(b, l, d, 4, torch.bfloat16, torch.bfloat16, seq, True, strided=packed)
