@@ -3,12 +3,15 @@
 At vocab 128256 the logits of B8 x L4096 tokens are 4.2G elements: 8 GB in bf16, 17 GB as
 fp32 for the softmax, and again for their gradient. Here the head is applied chunk by chunk;
 the backward recomputes each chunk's logits and turns them straight into gradients for the
-hidden states and the head weight, so peak memory is one chunk of logits.
+hidden states and the head weight, so peak memory is one chunk of logits. On CUDA the fused
+version in `cross_entropy_triton.py` runs instead (gradients made in the forward pass).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import triton_impl, use_triton
 
 
 def linear_cross_entropy_ref(h, weight, targets, ignore_index=-100):
@@ -67,5 +70,8 @@ def linear_cross_entropy(h, weight, targets, chunk: int = 8192, ignore_index: in
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)
+    impl = triton_impl("cross_entropy_triton") if use_triton(h) else None
     with torch.autocast(h.device.type, enabled=False):
+        if impl is not None:
+            return impl.fused_linear_cross_entropy(h, weight.to(h.dtype), targets, chunk, ignore_index)
         return _LinearCrossEntropy.apply(h, weight, targets, chunk, ignore_index)
