@@ -70,9 +70,9 @@ def ssd_section(old_path):
         return lambda: m.ssd_chunked(x, dt, A, B, C, chunk_size=q, D=D, dt_bias=dt_bias)
 
     def fwdbwd(m):
-        def f():
+        def f():  # autograd.grad: no accumulation into .grad, as in the benchmark
             y = m.ssd_chunked(x, dt, A, B, C, chunk_size=q, D=D, dt_bias=dt_bias)
-            y.backward(dy)
+            torch.autograd.grad(y, (x, dt, B, C, D, dt_bias), dy)
         return f
 
     print(f"SSD B{b} L{l} H{h} P{p} N{n} chunk {q}, bf16")
@@ -90,10 +90,6 @@ def ssd_section(old_path):
         f_ms = bench(fwd(m))
         fb_ms = bench(fwdbwd(m))
         print(f"  {name}: fwd {f_ms:.3f} ms, fwd+bwd {fb_ms:.3f} ms")
-    for target in (1, 2048, 4096):
-        new._SPLIT_TARGET = target
-        print(f"  new, split target {target}: fwd+bwd {bench(fwdbwd(new)):.3f} ms")
-    new._SPLIT_TARGET = 1024
     kernel_table(fwd(new), "SSD fwd kernels (new)")
     kernel_table(fwdbwd(new), "SSD fwd+bwd kernels (new)")
     if "old" in mods:
@@ -114,7 +110,7 @@ def attention_section():
             return sat.selective_attention(q, k, v, q_mask=mask, window=w)
 
         def fwdbwd():
-            fwd().backward(do)
+            torch.autograd.grad(fwd(), (q, k, v), do)
 
         print(f"\nselective attention B{b} L{L} H{H} D{d} w{w} C{cap}: fwd {bench(fwd):.3f} ms, "
               f"fwd+bwd {bench(fwdbwd):.3f} ms")
@@ -141,29 +137,58 @@ def block_section():
 
 
 def conv_section():
-    """conv1d + SiLU backward implementations side by side (module switch _BWD_IMPL)."""
+    """conv1d + SiLU: forward implementations (_FWD_IMPL) and backward ones (_BWD_IMPL) side by side,
+    on a contiguous input and on Mamba-2's strided xBC slice of the in-proj output."""
     from hybridlab.kernels import conv1d_triton as ct
 
     b, l, d, k = 8, 8192, 1792, 4
-    x = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(d, k, device="cuda", requires_grad=True)
     bias = torch.randn(d, device="cuda", requires_grad=True)
     dy = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
-    grads = {}
-    for impl in ("v1", "v2"):
-        if not hasattr(ct, "_BWD_IMPL"):
-            break
-        ct._BWD_IMPL = impl
+    for layout in ("contiguous", "strided"):
+        if layout == "contiguous":
+            x = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        else:
+            x = torch.randn(b, l, 3352, device="cuda", dtype=torch.bfloat16)[:, :, 768:768 + d].requires_grad_()
+        for impl in ("tiles", "rows"):
+            ct._FWD_IMPL = impl
+            with torch.no_grad():
+                ms = bench(lambda: ct.causal_conv1d(x, w, bias))
+            print(f"conv1d B{b} L{l} D{d} k{k} {layout}: fwd {impl} {ms:.3f} ms")
+        grads = {}
+        for impl in ("v1", "v2", "v3"):
+            ct._BWD_IMPL = impl
 
+            def fb():
+                y = ct.causal_conv1d(x, w, bias)
+                return torch.autograd.grad(y, (x, w, bias), dy)
+
+            grads[impl] = fb()
+            print(f"conv1d {layout}: fwd(rows)+bwd {impl} {bench(fb):.3f} ms")
+        for impl in ("v2", "v3"):
+            print(f"  {impl} vs v1 rel diff (dx, dw, db):", " ".join(
+                f"{((a.float() - c.float()).norm() / c.float().norm()).item():.2e}"
+                for a, c in zip(grads[impl], grads["v1"])))
+    ct._BWD_IMPL, ct._FWD_IMPL = "v3", "rows"
+
+
+def ce_section():
+    """LM head + cross-entropy at a 190M model's head (B8 L4096 tokens, d 768, vocab 128256)."""
+    from hybridlab.kernels import cross_entropy as ce
+    from hybridlab.kernels import cross_entropy_triton as cet
+
+    n, d, v = 32768, 768, 128256
+    h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(v, d, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda")
+    for name, fn in (("torch chunked", lambda: ce._LinearCrossEntropy.apply(h, w, t, 8192, -100)),
+                     ("fused", lambda: cet.fused_linear_cross_entropy(h, w, t))):
         def fb():
-            y = ct.causal_conv1d(x, w, bias)
-            return torch.autograd.grad(y, (x, w, bias), dy)
-
-        grads[impl] = fb()
-        print(f"conv1d B{b} L{l} D{d} k{k} bwd {impl}: fwd+bwd {bench(fb):.3f} ms")
-    if len(grads) == 2:
-        print("  v2 vs v1 rel diff (dx, dw, db):", " ".join(
-            f"{((a.float() - c.float()).norm() / c.float().norm()).item():.2e}" for a, c in zip(grads["v2"], grads["v1"])))
+            return torch.autograd.grad(fn(), (h, w))
+        torch.cuda.reset_peak_memory_stats()
+        ms = bench(fb)
+        print(f"LM head + CE N{n} d{d} V{v} {name}: fwd+bwd {ms:.2f} ms, "
+              f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 def train_section():
@@ -171,7 +196,7 @@ def train_section():
     from hybridlab.graph import load_arch
     from hybridlab.model import HybridLM
 
-    for name in ("taipan-190m", "mamba2-190m"):
+    for name in ("taipan-190m",):
         model = HybridLM(load_arch(f"{ROOT}/experiments/{name}.yaml")).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         idx = torch.randint(0, model.arch.vocab_size, (8, 4097), device="cuda")
@@ -204,12 +229,11 @@ def decode_section():
     for name in ("mamba2-190m", "taipan-190m"):
         arch = load_arch(f"{ROOT}/experiments/{name}.yaml")
         model = HybridLM(arch).cuda()
-        for graph in (False, True):
-            t0 = time.time()
-            rows = inference_cost(model, [1024, 8192, 65536], device=torch.device("cuda"),
-                                  amp=torch.bfloat16, cuda_graph=graph, decode_steps=32, time_budget_s=60)
-            print(f"\n{name} decode, cuda_graph={graph} ({time.time() - t0:.0f} s)")
-            print("\n".join(inference_table(rows)))
+        t0 = time.time()
+        rows = inference_cost(model, [1024, 8192, 32768], device=torch.device("cuda"),
+                              amp=torch.bfloat16, cuda_graph=True, decode_steps=64, time_budget_s=40)
+        print(f"\n{name} decode with CUDA graphs ({time.time() - t0:.0f} s)")
+        print("\n".join(inference_table(rows)))
         # the graphed decoder must produce the same tokens as eager stepping
         caches = model.allocate_cache(1, 600)
         idx = torch.randint(0, arch.vocab_size, (1, 512), device="cuda")
@@ -237,11 +261,11 @@ def decode_section():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--old")
-    ap.add_argument("--sections", default="ssd,attention,conv,block,train,decode")
+    ap.add_argument("--sections", default="ssd,attention,conv,ce,block,train,decode")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     sections = {"ssd": lambda: ssd_section(args.old), "attention": attention_section,
-                "conv": conv_section, "block": block_section, "train": train_section,
+                "conv": conv_section, "ce": ce_section, "block": block_section, "train": train_section,
                 "decode": decode_section}
     for s in args.sections.split(","):
         t0 = time.time()
