@@ -93,64 +93,6 @@ def _conv_fwd_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
 
 
-# Row-streaming forward (k <= 4): as the v3 backward, a program walks CHUNK rows of BLOCK_D
-# channels in order and keeps the last three x rows in registers, so each x row is read once
-# (the tiled kernel above reads it k times through L2).
-@triton.autotune(
-    configs=_configs(
-        {"CHUNK": 16, "BLOCK_D": 16},
-        [({"CHUNK": 128, "BLOCK_D": 256}, 2), ({"CHUNK": 64, "BLOCK_D": 256}, 2),
-         ({"CHUNK": 128, "BLOCK_D": 128}, 1), ({"CHUNK": 32, "BLOCK_D": 256}, 2),
-         ({"CHUNK": 64, "BLOCK_D": 512}, 4)],
-    ),
-    key=["D", "K", "HAS_SEQ"],
-)
-@triton.jit
-def _conv_fwd_rows_kernel(
-    x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr,
-    L, D,
-    sxb, sxl, sxd, swd, swk, ssb, ssl, syb, syl, syd,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_l = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = c < D
-    wm0 = tl.load(w_ptr + c * swd + (K - 1) * swk, mask=cmask, other=0.0).to(tl.float32)
-    wm1 = tl.load(w_ptr + c * swd + (K - 2) * swk, mask=cmask & (K >= 2), other=0.0).to(tl.float32)
-    wm2 = tl.load(w_ptr + c * swd + (K - 3) * swk, mask=cmask & (K >= 3), other=0.0).to(tl.float32)
-    wm3 = tl.load(w_ptr + c * swd + (K - 4) * swk, mask=cmask & (K >= 4), other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    x_b = x_ptr + pid_b * sxb + c * sxd
-    y_b = y_ptr + pid_b * syb + c * syd
-    seq_b = seq_ptr + pid_b * ssb
-    t0 = pid_l * CHUNK
-    zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    x1, x2, x3 = zero, zero, zero
-    s1, s2, s3 = -1, -1, -1
-    for i in range(0, CHUNK + 3):
-        u = t0 - 3 + i
-        uin = (u >= 0) & (u < L)
-        xu = tl.load(x_b + u.to(tl.int64) * sxl, mask=cmask & uin, other=0.0).to(tl.float32)
-        if HAS_SEQ:
-            su = tl.load(seq_b + u * ssl, mask=uin, other=-1)
-            pre = (bias + wm0 * xu + tl.where(s1 == su, wm1 * x1, 0.0) + tl.where(s2 == su, wm2 * x2, 0.0)
-                   + tl.where(s3 == su, wm3 * x3, 0.0))
-        else:
-            su = 0
-            pre = bias + wm0 * xu + wm1 * x1 + wm2 * x2 + wm3 * x3
-        if SILU:
-            pre = pre * tl.sigmoid(pre)
-        tl.store(y_b + u.to(tl.int64) * syl, pre.to(y_ptr.dtype.element_ty), mask=cmask & uin & (u >= t0))
-        x3, x2, x1 = x2, x1, xu
-        s3, s2, s1 = s2, s1, su
-
-
 # --------------------------------------------------------------------------------------------
 # backward
 
@@ -605,17 +547,6 @@ def _conv_fwd(x, weight, bias, seq_idx, silu):
     y = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
     has_seq = seq_idx is not None
     seq = seq_idx if has_seq else x
-    if _FWD_IMPL == "rows" and k <= 4:
-        grid = lambda META: (triton.cdiv(l, META["CHUNK"]), triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
-        _conv_fwd_rows_kernel[grid](
-            x, weight, bias if bias is not None else weight, seq, y,
-            l, d,
-            x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
-            seq.stride(0) if has_seq else 0, seq.stride(1) if has_seq else 0,
-            y.stride(0), y.stride(1), y.stride(2),
-            K=k, HAS_BIAS=bias is not None, HAS_SEQ=has_seq, SILU=silu,
-        )
-        return y
     grid = lambda META: (triton.cdiv(l, META["BLOCK_L"]), triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, seq, y,
@@ -696,135 +627,13 @@ def _conv_bwd_v2(x, weight, bias, seq_idx, dy, silu):
     return dx, dw, db
 
 
-# v3: one kernel that streams rows. A program owns BLOCK_D channels of CHUNK rows of one batch
-# row and walks them in order, keeping the last three x rows, dpre values and sequence ids in
-# registers: each row of x and dy is read from memory once (v1/v2 read every x row k times or
-# more through L2, which bounds them well above the copy floor), dpre never leaves the chip, and
-# dx[r] is emitted as soon as dpre[r + 3] exists. Halo: 3 rows on each side of the chunk. Taps
-# are padded to 4 (k <= 4, zero weights beyond k); larger k falls back to v2.
-@triton.autotune(
-    configs=_configs(
-        {"CHUNK": 16, "BLOCK_D": 16},
-        [({"CHUNK": 128, "BLOCK_D": 256}, 2), ({"CHUNK": 64, "BLOCK_D": 256}, 2),
-         ({"CHUNK": 128, "BLOCK_D": 128}, 1), ({"CHUNK": 256, "BLOCK_D": 256}, 2),
-         ({"CHUNK": 64, "BLOCK_D": 512}, 4), ({"CHUNK": 32, "BLOCK_D": 256}, 2)],
-    ),
-    key=["D", "K", "HAS_SEQ", "SILU"],
-    reset_to_zero=[],
-)
-@triton.jit
-def _conv_bwd_rows_kernel(
-    x_ptr, w_ptr, b_ptr, seq_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
-    L, D, n_slots,
-    sxb, sxl, sxd, swd, swk, ssb, ssl, sdyb, sdyl, sdyd, sdxb, sdxl, sdxd,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dw_ptr: (b * n_slots, 4, d) fp32 partials indexed by m (tap on x[t - m]); db_ptr:
-    (b * n_slots, d) fp32. n_slots = cdiv(L, CHUNK) of the launch's config."""
-    pid_l = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = c < D
-    # weight on x[t - m] inside pre[t]: w[:, K-1-m] (zero for m >= K)
-    wm0 = tl.load(w_ptr + c * swd + (K - 1) * swk, mask=cmask, other=0.0).to(tl.float32)
-    wm1 = tl.load(w_ptr + c * swd + (K - 2) * swk, mask=cmask & (K >= 2), other=0.0).to(tl.float32)
-    wm2 = tl.load(w_ptr + c * swd + (K - 3) * swk, mask=cmask & (K >= 3), other=0.0).to(tl.float32)
-    wm3 = tl.load(w_ptr + c * swd + (K - 4) * swk, mask=cmask & (K >= 4), other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    x_b = x_ptr + pid_b * sxb + c * sxd
-    dy_b = dy_ptr + pid_b * sdyb + c * sdyd
-    dx_b = dx_ptr + pid_b * sdxb + c * sdxd
-    seq_b = seq_ptr + pid_b * ssb
-    t0 = pid_l * CHUNK
-    t1 = tl.minimum(t0 + CHUNK, L)
-    zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    x1, x2, x3 = zero, zero, zero          # x[u-1], x[u-2], x[u-3]
-    p1, p2, p3 = zero, zero, zero          # dpre[u-1], dpre[u-2], dpre[u-3]
-    s1, s2, s3 = -1, -1, -1                # their sequence ids (unused without HAS_SEQ)
-    dw0, dw1, dw2, dw3, db = zero, zero, zero, zero, zero
-    for i in range(0, CHUNK + 6):
-        u = t0 - 3 + i
-        uin = (u >= 0) & (u < L)
-        xu = tl.load(x_b + u.to(tl.int64) * sxl, mask=cmask & uin, other=0.0).to(tl.float32)
-        dyu = tl.load(dy_b + u.to(tl.int64) * sdyl, mask=cmask & uin, other=0.0).to(tl.float32)
-        if HAS_SEQ:
-            su = tl.load(seq_b + u * ssl, mask=uin, other=-1)
-            h1 = tl.where(s1 == su, x1, 0.0)  # history of u's own sequence only
-            h2 = tl.where(s2 == su, x2, 0.0)
-            h3 = tl.where(s3 == su, x3, 0.0)
-        else:
-            su = 0
-            h1, h2, h3 = x1, x2, x3
-        pre = bias + wm0 * xu + wm1 * h1 + wm2 * h2 + wm3 * h3
-        pu = _dsilu_mul(dyu, pre, SILU)     # 0 outside [0, L): dy is masked there
-        own = (u >= t0) & (u < t1)          # dw/db count each row in exactly one program
-        po = tl.where(own, pu, 0.0)
-        db += po
-        dw0 += po * xu
-        dw1 += po * h1
-        dw2 += po * h2
-        dw3 += po * h3
-        # dx[r], r = u - 3: x[r] enters pre[r + m] with weight wm_m, when in r's sequence
-        if HAS_SEQ:
-            dxr = (wm0 * p3 + tl.where(s2 == s3, wm1 * p2, 0.0) + tl.where(s1 == s3, wm2 * p1, 0.0)
-                   + tl.where(su == s3, wm3 * pu, 0.0))
-        else:
-            dxr = wm0 * p3 + wm1 * p2 + wm2 * p1 + wm3 * pu
-        r = u - 3
-        tl.store(dx_b + r.to(tl.int64) * sdxl, dxr.to(dx_ptr.dtype.element_ty),
-                 mask=cmask & (r >= t0) & (r < t1))
-        x3, x2, x1 = x2, x1, xu
-        p3, p2, p1 = p2, p1, pu
-        s3, s2, s1 = s2, s1, su
-    slot = pid_b * n_slots + pid_l
-    base = dw_ptr + slot * 4 * D + c
-    tl.store(base, dw0, mask=cmask)
-    tl.store(base + D, dw1, mask=cmask)
-    tl.store(base + 2 * D, dw2, mask=cmask)
-    tl.store(base + 3 * D, dw3, mask=cmask)
-    if HAS_BIAS:
-        tl.store(db_ptr + slot * D + c, db, mask=cmask)
-
-
-def _conv_bwd_v3(x, weight, bias, seq_idx, dy, silu):
-    b, l, d = x.shape
-    k = weight.shape[1]
-    if k > 4:
-        return _conv_bwd_v2(x, weight, bias, seq_idx, dy, silu)
-    max_slots = triton.cdiv(l, 16 if _INTERPRET else 32)   # partial slots for the smallest CHUNK
-    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
-    dw_part = torch.zeros((b * max_slots, 4, d), device=x.device, dtype=torch.float32)
-    db_part = torch.zeros((b * max_slots, d), device=x.device, dtype=torch.float32) if bias is not None else dw_part
-    has_seq = seq_idx is not None
-    seq = seq_idx if has_seq else x
-    ssb, ssl = (seq.stride(0), seq.stride(1)) if has_seq else (0, 0)
-    grid = lambda META: (triton.cdiv(l, META["CHUNK"]), triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
-    _conv_bwd_rows_kernel[grid](
-        x, weight, bias if bias is not None else weight, seq, dy, dx, dw_part, db_part,
-        l, d, max_slots,
-        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), ssb, ssl,
-        dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
-        K=k, HAS_BIAS=bias is not None, HAS_SEQ=has_seq, SILU=silu,
-    )
-    # partial m indexes x[t - m], i.e. weight column k - 1 - m
-    dw = dw_part.sum(0)[:k].flip(0).t().to(weight.dtype)  # (d, k)
-    db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-    return dx, dw, db
-
-
-# Forward implementation, for A/B timing: "rows" (k <= 4) or "tiles".
-_FWD_IMPL = os.environ.get("HYBRIDLAB_CONV_FWD", "rows")
 # Backward implementation, for A/B timing: "v1" the fused single kernel, "v2" the two-kernel
-# split (dpre + dw/dbias partials, then the dx stencil), "v3" the row-streaming kernel.
-_BWD_IMPL = os.environ.get("HYBRIDLAB_CONV_BWD", "v3")
+# split (dpre + dw/dbias partials, then the dx stencil). On the H200 (B8 L8192 D1792 k4 bf16,
+# fwd+bwd): v1 1.55 ms, v2 1.04 ms; on Mamba-2's strided xBC slice 1.98 / 1.59 ms.
+_BWD_IMPL = os.environ.get("HYBRIDLAB_CONV_BWD", "v2")
 # v2 only: keep the dpre scratch in dy's dtype when that is bf16/fp16 (else fp32).
 _BWD_DPRE_LOWP = os.environ.get("HYBRIDLAB_CONV_BWD_LOWP", "1") != "0"
-_BWD_IMPLS = {"v1": _conv_bwd_v1, "v2": _conv_bwd_v2, "v3": _conv_bwd_v3}
+_BWD_IMPLS = {"v1": _conv_bwd_v1, "v2": _conv_bwd_v2}
 
 
 def _conv_bwd(x, weight, bias, seq_idx, dy, silu):

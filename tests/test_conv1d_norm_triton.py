@@ -50,10 +50,8 @@ BWD_IMPLS = sorted(ct._BWD_IMPLS)
 
 @pytest.fixture(params=BWD_IMPLS)
 def bwd_impl(request, monkeypatch):
-    """Runs a test under each backward implementation (`_BWD_IMPL`), and the tiled forward
-    with v1 (the row-streaming forward with the others)."""
+    """Runs a backward test under each backward implementation (`_BWD_IMPL`)."""
     monkeypatch.setattr(ct, "_BWD_IMPL", request.param)
-    monkeypatch.setattr(ct, "_FWD_IMPL", "tiles" if request.param == "v1" else "rows")
     return request.param
 
 
