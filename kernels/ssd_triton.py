@@ -520,11 +520,7 @@ def _bwd_dx_db(
         ddt_s = dw * e_s
         dcs_s = -dw * w_s
 
-        # --- diagonal blocks: targets t >= s. Tiles wholly after this row block (t >= s_hi > s)
-        # factor exp(cs_t - cs_s) = exp(cs_t - c) exp(c - cs_s), c = cs_{s_hi-1}: both <= 1.
-        s_hi = (pid_s + 1) * BLOCK_S
-        c_s = tl.load(cs_ptr + row + tl.minimum(s_hi, Q) - 1)
-        e_row = tl.exp(tl.minimum(c_s - cs_s, 0.0))
+        # --- diagonal blocks: targets t >= s
         dx_acc = tl.zeros((BLOCK_S, BLOCK_P), dtype=tl.float32)
         for k in range(pid_s * BLOCK_S, hi, BLOCK_T):
             offs_t = k + tl.arange(0, BLOCK_T)
@@ -534,17 +530,11 @@ def _bwd_dx_db(
             dyt = tl.load(dy_ptr + xh_base + offs_t[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
                           mask=tmask[:, None] & pmask[None, :], other=0.0)          # (BLOCK_T, BLOCK_P)
             cs_t = tl.load(cs_ptr + row + offs_t, mask=tmask, other=0.0)
+            keep = (offs_t[None, :] >= offs_s[:, None]) & tmask[None, :] & smask[:, None]
             if HAS_SEQ:
                 seq_t = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_t, mask=tmask, other=-2)
-                keep = (offs_t[None, :] >= offs_s[:, None]) & tmask[None, :] & smask[:, None]
                 keep &= seq_s[:, None] == seq_t[None, :]
-                LT = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_S, BLOCK_T)
-            elif k >= s_hi:
-                f_col = tl.where(tmask, tl.exp(tl.minimum(cs_t - c_s, 0.0)), 0.0)
-                LT = e_row[:, None] * f_col[None, :]
-            else:
-                keep = (offs_t[None, :] >= offs_s[:, None]) & tmask[None, :] & smask[:, None]
-                LT = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
+            LT = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_S, BLOCK_T)
             cbT = _dot(Bs, CtT, F32)                                               # (C_t . B_s)^T
             MT = cbT * LT                                                          # M^T
             xdy = _dot(xs, tl.trans(dyt), F32)                                     # (BLOCK_S, BLOCK_T)
@@ -656,11 +646,6 @@ def _bwd_dc(
             seq_s = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_s, mask=smask, other=-2)
             keep0 &= seq_t[:, None] == seq_s[None, :]
         dCB_sum = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
-        # s-tiles wholly before this row block factor the decay (as in _bwd_dx_db), c = cs_{t_lo-1}
-        if HAS_SEQ:
-            before = False
-        else:
-            before = k + BLOCK_S <= pid_t * BLOCK_T
         for hh in range(0, HEADS_PER_PROG):
             h = h_first + hh
             row = (b * H + h) * (nc * Q) + t0
@@ -671,12 +656,7 @@ def _bwd_dc(
             cs_t = tl.load(cs_ptr + row + offs_t, mask=tmask, other=0.0)
             cs_s = tl.load(cs_ptr + row + offs_s, mask=smask, other=0.0)
             dt_s = tl.load(dt_ptr + row + offs_s, mask=smask, other=0.0)
-            if before:
-                c_t = tl.load(cs_ptr + row + pid_t * BLOCK_T - 1)
-                Lm = (tl.where(tmask, tl.exp(tl.minimum(cs_t - c_t, 0.0)), 0.0)[:, None]
-                      * tl.where(smask, tl.exp(tl.minimum(c_t - cs_s, 0.0)), 0.0)[None, :])
-            else:
-                Lm = tl.exp(tl.where(keep0, cs_t[:, None] - cs_s[None, :], float("-inf")))
+            Lm = tl.exp(tl.where(keep0, cs_t[:, None] - cs_s[None, :], float("-inf")))
             dCB = _dot(dyt, xsT, F32) * Lm * dt_s[None, :]                          # (BLOCK_T, BLOCK_S)
             dcs += tl.where(offs_hh[:, None] == hh, tl.sum(dCB * cb, axis=1)[None, :], 0.0)
             dCB_sum += dCB
