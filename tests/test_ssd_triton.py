@@ -98,6 +98,7 @@ def check_against_ref(shape, dtype, device, chunk_size, tol_scale=1.0, **opts):
 CPU_CASES = [
     ("basic", (1, 100, 2, 1, 16, 16), 32, dict()),
     ("chunk64", (1, 100, 2, 1, 16, 32), 64, dict(D="hp", z=False)),
+    ("chunk64_rowblocks", (1, 150, 2, 1, 16, 16), 64, dict()),  # several row blocks; last chunk 22 rows
     ("groups_packed", (1, 96, 4, 2, 16, 16), 32, dict(boundaries=(37, 70))),
     ("packed_edges", (1, 80, 2, 1, 16, 16), 32, dict(boundaries=(20, 64), z=False)),
     ("bare", (1, 50, 2, 1, 16, 16), 32, dict(D=None, z=False, dt_bias=False, init=False)),
