@@ -3,6 +3,7 @@
 For each token h_i coming out of the Mamba-2 stack:
   s_i = G(h_i)                               gate, Eq. 1 (RMSNorm then Linear(d, 2))
   m_i = argmax GumbelSoftmax(s_i, tau)       Eq. 2-3, straight-through; deterministic at eval
+                                             (cfg.inference: s1 > s0, or a calibrated threshold)
   o_i = Attention(q_i, K, V)                 Eq. 4, selected queries only, sliding window, NoPE
   h_i <- (1 - a_i) h_i + a_i o_i  if m_i     Eq. 5, [1 - a_i, a_i] = softmax(s_i)
   h   <- h + SwiGLU(RMSNorm(h))              Eq. 6
@@ -41,6 +42,18 @@ class SALConfig(Config, BlockConfigMixin):
     n_kv_heads: Optional[int] = field(None, "K/V heads for GQA (null: as many as query heads)",
                                       ge=1, nullable=True)
     gate: str = field("linear", "gate network G: Linear(d, 2), or a small MLP", choices=("linear", "mlp"))
+    gate_grad: str = field(
+        "selected", "which tokens' gates learn from the LM loss. selected: attention runs only for "
+        "selected queries, so an unselected token's gate learns only through the budget loss (the "
+        "paper's saving); all: in training, attention also runs for unselected queries so their "
+        "straight-through m gets the gradient of what selecting them would change (forward and "
+        "inference unchanged; training attention cost as if C = 1)", choices=("selected", "all"))
+    inference: str = field(
+        "threshold", "selection at inference (eval forward, step, prefill). threshold: s1 > s0, "
+        "the spec's; calibrated: p(select) above a threshold tracked in training (EMA of each "
+        "batch's (1-C)-quantile), so about a share C is selected, per token and causal; topk: "
+        "the top ceil(C*L) tokens of each sequence by p (non-causal: forward only)",
+        choices=("threshold", "calibrated", "topk"))
     mlp_mult: float = field(8 / 3, "SwiGLU width = mlp_mult * d_model rounded up to 64", gt=0)
 
     def validate(self, d_model: int, path: str = "") -> None:
@@ -78,7 +91,8 @@ class SALConfig(Config, BlockConfigMixin):
 
     def describe(self) -> str:
         pe = "nope" if self.positional == "none" else "rope"
-        return f"C={self.capacity:g} w={self.window} {pe} kv={self.kv}"
+        sel = "" if self.inference == "threshold" else f" sel={self.inference}"
+        return f"C={self.capacity:g} w={self.window} {pe} kv={self.kv}{sel}"
 
 
 @register_block("sal", "S", SALConfig, "Taipan Selective Attention Layer: gate, sparse windowed attention, SwiGLU")
@@ -92,11 +106,18 @@ class SALBlock(Block):
         else:
             hidden = max(d_model // 4, 8)
             self.gate = nn.Sequential(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 2))
-        # Start with P(select) = softmax(s / tau)[1] = C, so the budget loss starts near zero
-        # and the first steps do not swing selection to all-or-nothing.
+        # Start with P(select) = C, so the budget loss starts near zero and the first steps do
+        # not swing selection to all-or-nothing. The hard sample argmax((s + g) / tau) is
+        # argmax(s + g) for any tau, so P(select) = softmax(s)[1] (= a, Eq. 5): s1 - s0 = logit(C).
         last = self.gate if cfg.gate == "linear" else self.gate[-1]
+        logit_c = math.log(cfg.capacity / max(1 - cfg.capacity, 1e-6))
         with torch.no_grad():
-            last.bias.copy_(torch.tensor([0.0, cfg.temperature * math.log(cfg.capacity / max(1 - cfg.capacity, 1e-6))]))
+            last.bias.copy_(torch.tensor([0.0, logit_c]))
+        if cfg.inference == "calibrated":
+            # Threshold on the gate's logit difference s1 - s0 for inference; updated in every
+            # training forward. It starts at the gate bias's s1 - s0, and is saved with the
+            # weights (only in this mode, so checkpoints of the other modes are unchanged).
+            self.register_buffer("select_threshold", torch.tensor(logit_c))
         self.attn = SelfAttention(d_model, cfg.head_dim, cfg.n_kv_heads, cfg.positional,
                                   cfg.rope_theta, cfg.window, n_layers)
         self.mlp_norm = RMSNorm(d_model)
@@ -104,17 +125,50 @@ class SALBlock(Block):
         init_linear(self.mlp.w_gate_up, 0.02)
         init_linear(self.mlp.w_down, 0.02 / math.sqrt(2 * n_layers))
 
+    CALIBRATION_MOMENTUM = 0.99  # EMA of the per-batch quantile: a time constant of ~100 steps
+
     def select(self, s: torch.Tensor) -> torch.Tensor:
         """s (..., 2) fp32 gate logits -> m (...) in {0, 1}; straight-through while training."""
         if self.training:
+            if self.cfg.inference == "calibrated":
+                self._calibrate(s.detach())
             return F.gumbel_softmax(s, tau=self.cfg.temperature, hard=True)[..., 1]
-        return (s[..., 1] > s[..., 0]).to(s.dtype)
+        return self.infer_select(s).to(s.dtype)
+
+    @torch.no_grad()
+    def _calibrate(self, s: torch.Tensor) -> None:
+        """Track the (1-C)-quantile of s1 - s0 over the batch's tokens (an EMA over steps), so
+        `d > threshold` selects about a share C of tokens as the gate scores them in training."""
+        d = (s[..., 1] - s[..., 0]).flatten()
+        k = min(max(int(math.ceil((1 - self.cfg.capacity) * d.numel())), 1), d.numel())
+        q = d.kthvalue(k).values
+        self.select_threshold.lerp_(q.to(self.select_threshold.dtype), 1 - self.CALIBRATION_MOMENTUM)
+
+    def infer_select(self, s: torch.Tensor) -> torch.Tensor:
+        """Inference selection (cfg.inference) as bool; s (B, L, 2) or, per token, (..., 2)."""
+        d = s[..., 1] - s[..., 0]
+        if self.cfg.inference == "threshold":
+            return d > 0
+        if self.cfg.inference == "calibrated":
+            return d > self.select_threshold
+        # topk: the ceil(C*L) highest-scoring tokens of each sequence (needs the whole sequence)
+        L = d.shape[-1]
+        k = min(max(int(math.ceil(self.cfg.capacity * L)), 1), L)
+        idx = d.topk(k, dim=-1).indices
+        return torch.zeros_like(d, dtype=torch.bool).scatter_(-1, idx, True)
+
+    def _causal_select(self, s: torch.Tensor) -> torch.Tensor:
+        if self.cfg.inference == "topk":
+            raise RuntimeError("SAL inference: topk ranks a whole sequence (non-causal), so it has "
+                               "no step/prefill; use inference: calibrated or threshold to decode")
+        return self.infer_select(s)
 
     def refine(self, h, o, s, m, selected):
         """Eq. 5. Written h + m * a * (o - h) so the straight-through m carries a gradient.
 
         Unselected tokens have no attention output (that is the saving), so their term is
-        zeroed outright: their gate learns only through the budget loss and through a.
+        zeroed outright: their gate learns only through the budget loss (`selected` marks the
+        rows of `o` that exist: all of them with gate_grad: all).
         """
         a = torch.softmax(s, dim=-1)[..., 1]
         delta = torch.where(selected[..., None], o - h, torch.zeros_like(h))
@@ -126,8 +180,13 @@ class SALBlock(Block):
         m = self.select(s)  # (B, L)
         selected = m.detach() > 0.5
         kv_mask = selected if self.cfg.kv == "selected" else None
-        o = self.attn(u, q_mask=selected, kv_mask=kv_mask)  # (B, L, d), zero rows where unselected
-        h = self.refine(h, o, s, m, selected)
+        if self.training and self.cfg.gate_grad == "all":
+            # every query attends; m = 0 still leaves unselected tokens unchanged in the forward
+            o = self.attn(u, kv_mask=kv_mask)
+            h = self.refine(h, o, s, m, torch.ones_like(selected))
+        else:
+            o = self.attn(u, q_mask=selected, kv_mask=kv_mask)  # (B, L, d), zero rows where unselected
+            h = self.refine(h, o, s, m, selected)
         if aux is not None:
             frac = m.mean(dim=1)  # (B,) selected share per sequence; carries the ST gradient
             budget = ((self.cfg.capacity - frac) ** 2).mean()
@@ -140,10 +199,10 @@ class SALBlock(Block):
         return self.attn.allocate_cache(batch, max_len, device, dtype)
 
     def prefill(self, h, cache):
-        """A chunk (B, T, d) continuing from `cache`; deterministic selection, as in `step`."""
+        """A chunk (B, T, d) continuing from `cache`; inference selection, as in `step`."""
         u = self.norm(h)
         s = self.gate(u).float()
-        selected = s[..., 1] > s[..., 0]
+        selected = self._causal_select(s)
         write = selected if self.cfg.kv == "selected" else None
         o = self.attn.prefill(u, cache, q_mask=selected, write=write)
         h = self.refine(h, o, s, selected.float(), selected)
@@ -152,7 +211,7 @@ class SALBlock(Block):
     def step(self, h, cache):
         u = self.norm(h)
         s = self.gate(u).float()  # (B, 2)
-        selected = s[..., 1] > s[..., 0]  # decoding is inference: deterministic selection
+        selected = self._causal_select(s)  # decoding is inference: deterministic selection
         write = selected if self.cfg.kv == "selected" else None
         o = self.attn.step(u, cache, write=write)
         h = self.refine(h, o, s, selected.float(), selected)

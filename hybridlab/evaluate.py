@@ -20,15 +20,24 @@ def _loss_and_hits(logits, targets):
 
 @torch.no_grad()
 def group_metrics(model, batches, device, amp=None) -> dict:
-    loss, hits, count = 0.0, 0, 0
+    """loss/acc over the answer positions, and `selected`: each SAL's share of tokens selected
+    by its inference rule ({"layers.6.sal": share}, averaged over sequences)."""
+    loss, hits, count, rows = 0.0, 0, 0, 0
+    selected: dict[str, float] = {}
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(inputs).logits
-        l, h, c = _loss_and_hits(logits, targets)
+            out = model(inputs)
+        l, h, c = _loss_and_hits(out.logits, targets)
         loss, hits, count = loss + l, hits + h, count + c
-    count = max(count, 1)
-    return {"loss": loss / count, "acc": hits / count, "tokens": count}
+        rows += inputs.shape[0]
+        for key, value in out.metrics.items():
+            if key.endswith("/selected_frac"):
+                scope = key[: -len("/selected_frac")]
+                selected[scope] = selected.get(scope, 0.0) + value.item() * inputs.shape[0]
+    count, rows = max(count, 1), max(rows, 1)
+    return {"loss": loss / count, "acc": hits / count, "tokens": count,
+            "selected": {k: v / rows for k, v in selected.items()}}
 
 
 @torch.no_grad()
@@ -40,6 +49,12 @@ def validation_metrics(model, dataset, batch_size: int, max_batches: int, device
     main = group_metrics(model, dataset.eval_batches(batch_size, max_batches), device, amp)
     # (for tasks, eval_batches is also one of eval_groups: evaluated twice, cheap at these sizes)
     out = {"val/loss": main["loss"], "val/ppl": math.exp(min(main["loss"], 50.0))}
+    # Each SAL's selected share under its inference rule, next to the training-time
+    # blocks/<scope>/selected_frac; val/selected_frac is their mean (absent without SALs).
+    for scope, share in main["selected"].items():
+        out[f"blocks/{scope}/eval_selected_frac"] = share
+    if main["selected"]:
+        out["val/selected_frac"] = sum(main["selected"].values()) / len(main["selected"])
     if dataset.kind == "task":
         accs = {}
         for name, make in dataset.eval_groups().items():
@@ -222,6 +237,9 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
     results["validation"] = val
     print(f"validation: loss {val['val/loss']:.4f}, perplexity {val['val/ppl']:.3f}")
     for key, value in val.items():
+        if key.endswith("/eval_selected_frac"):
+            print(f"  selected share {key[7:-19]:<14} {value:.3f}")
+    for key, value in val.items():
         if key.startswith("val/acc/"):
             print(f"  recall accuracy {key[8:]:<14} {value:.3f}")
 
@@ -249,7 +267,7 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
     if any("ppl" in r for r in curve):
         png = plot_ppl_vs_context(curve, train_len, out / "ppl_vs_context.png", f"{lo.arch.name} @ step {lo.step}")
     tracker = Tracker(lo.run_dir)
-    tracker.log(lo.step, {f"eval/{k[4:]}": v for k, v in val.items()})
+    tracker.log(lo.step, {(f"eval/{k[4:]}" if k.startswith("val/") else k): v for k, v in val.items()})
     for r in curve:
         if "ppl" in r:
             tracker.writer.add_scalar("eval/ppl_vs_context", r["ppl"], r["context"])

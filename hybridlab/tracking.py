@@ -14,11 +14,12 @@ import subprocess
 from pathlib import Path
 
 HPARAM_KEYS = ("arch", "arch_hash", "pattern", "d_model", "n_layers", "params", "n_sal",
-               "sal_capacity", "sal_window", "sal_kv", "sal_positional", "sal_temperature",
+               "sal_capacity", "sal_window", "sal_kv", "sal_positional", "sal_temperature", "sal_inference",
                "sal_budget_weight", "mamba2_d_state", "data", "seq_len", "batch_size", "steps", "lr",
                "weight_decay", "seed")
 METRIC_KEYS = ("hparam/val_loss", "hparam/val_ppl", "hparam/recall_acc", "hparam/train_loss",
-               "hparam/tokens_per_s", "hparam/decode_ms", "hparam/prefill_tokens_per_s")
+               "hparam/tokens_per_s", "hparam/decode_ms", "hparam/prefill_tokens_per_s",
+               "hparam/eval_selected_frac")
 
 
 def hparams_for(arch, cfg, data_name: str, n_params: int) -> dict:
@@ -33,6 +34,7 @@ def hparams_for(arch, cfg, data_name: str, n_params: int) -> dict:
         "sal_kv": first.kv if first else "",
         "sal_positional": first.positional if first else "",
         "sal_temperature": first.temperature if first else 0.0,
+        "sal_inference": first.inference if first else "",
         "sal_budget_weight": first.budget_weight if first else 0.0,
         "mamba2_d_state": next((l.config.d_state for l in arch.layers if l.block == "mamba2"), 0),
         "data": data_name, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,

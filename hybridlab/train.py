@@ -217,7 +217,8 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
     def evaluate(at_step: int) -> dict:
         metrics = validation_metrics(model, dataset, cfg.batch_size, cfg.eval_batches, device, amp)
         tracker.log(at_step, {**metrics, "hparam/val_loss": metrics["val/loss"], "hparam/val_ppl": metrics["val/ppl"],
-                              "hparam/recall_acc": metrics.get("val/acc", math.nan)})
+                              "hparam/recall_acc": metrics.get("val/acc", math.nan),
+                              "hparam/eval_selected_frac": metrics.get("val/selected_frac", math.nan)})
         return metrics
 
     end = total if stop_after is None else min(total, step + stop_after)

@@ -11,6 +11,7 @@ CASES = [
     ("sal", {}),
     ("sal", {"kv": "selected", "positional": "rope"}),
     ("sal", {"window": None, "n_kv_heads": 2, "gate": "mlp"}),
+    ("sal", {"inference": "calibrated", "kv": "selected"}),
     ("attention", {}),
     ("attention", {"n_kv_heads": 1, "positional": "none"}),
     ("swa", {}),

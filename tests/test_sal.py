@@ -73,8 +73,9 @@ def test_selected_share_follows_capacity_under_budget_loss(capacity):
     assert abs(sum(shares) / len(shares) - capacity) < 0.06
 
 
-def test_gate_init_aims_at_capacity():
-    block = tiny_block("sal", capacity=0.2).train()
+@pytest.mark.parametrize("temperature", [1.0, 0.25, 4.0])
+def test_gate_init_aims_at_capacity(temperature):
+    block = tiny_block("sal", capacity=0.2, temperature=temperature).train()
     x = torch.randn(8, 256, D_MODEL)
     aux = Aux()
     with torch.no_grad():
@@ -111,3 +112,68 @@ def test_selected_token_is_interpolated_with_attention_output():
     a = torch.sigmoid(torch.tensor(2.0))
     h = (1 - a) * x + a * o  # Eq. 5
     torch.testing.assert_close(block(x), h + block.mlp(block.mlp_norm(h)), atol=1e-5, rtol=1e-5)
+
+
+def test_calibrated_inference_selects_about_capacity():
+    """Training forwards track the (1-C)-quantile of s1 - s0; eval then selects about C."""
+    C = 0.2
+    block = open_sal_gate(tiny_block("sal", capacity=C, inference="calibrated"))
+    x = torch.randn(4, 64, D_MODEL)
+    with torch.no_grad():
+        block.eval()
+        assert block.select(block.gate(block.norm(x)).float()).mean() > 0.4  # the init threshold
+        block.train()
+        for _ in range(600):  # EMA with momentum 0.99 converges
+            block(x, Aux())
+        block.eval()
+        aux = Aux()
+        block(x, aux)
+    assert abs(aux.metrics["block/selected_frac"].item() - C) < 0.03
+    assert "select_threshold" in block.state_dict()
+    assert "select_threshold" not in tiny_block("sal").state_dict()  # other modes: no new state
+
+
+def test_topk_inference_is_forward_only():
+    C, L = 0.25, 18
+    block = open_sal_gate(tiny_block("sal", capacity=C, inference="topk")).eval()
+    x = torch.randn(3, L, D_MODEL)
+    aux = Aux()
+    with torch.no_grad():
+        block(x, aux)
+        assert aux.metrics["block/selected_frac"].item() == pytest.approx(5 / L)  # ceil(0.25 * 18)
+        cache = block.allocate_cache(3, L)
+        with pytest.raises(RuntimeError, match="non-causal"):
+            block.step(x[:, 0], cache)
+        with pytest.raises(RuntimeError, match="non-causal"):
+            block.prefill(x, cache)
+
+
+class _Fixed(torch.nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, u):
+        return self.s
+
+
+def test_gate_grad_all_reaches_unselected_tokens_with_the_same_forward():
+    torch.manual_seed(0)
+    dense = open_sal_gate(tiny_block("sal", gate_grad="all"), scale=0.3).train()  # unsaturated
+    sparse = tiny_block("sal").train()
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 16, D_MODEL)
+    grads, outs = [], []
+    for block in (dense, sparse):
+        s = block.gate(block.norm(x)).float().detach().requires_grad_()
+        block.gate = _Fixed(s)  # read the gradient on the logits
+        torch.manual_seed(5)
+        y = block(x, Aux())
+        (g,) = torch.autograd.grad(y.pow(2).sum(), s)
+        outs.append(y.detach())
+        torch.manual_seed(5)
+        m = block.select(s.detach())
+        grads.append(g[m == 0].abs().sum(-1))  # unselected tokens: only the budget loss...
+    torch.testing.assert_close(outs[0], outs[1])
+    assert (grads[1] < 1e-6).all()  # ...in the paper's mode (no Aux loss here: zero)
+    assert (grads[0] > 0).all()  # with gate_grad: all, what selecting them would change
