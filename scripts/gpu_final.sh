@@ -10,7 +10,7 @@ HYBRIDLAB_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-90} python -P -m pytest -m gpu "$RO
     > "$OUT/gpu_tests.log" 2>&1
 echo "tests exit $?"; tail -6 "$OUT/gpu_tests.log" | cut -c1-300
 for m in taipan-190m mamba2-190m transformerpp-190m; do
-  timeout ${MODEL_TIMEOUT:-75} python -P -m hybridlab bench model "$ROOT/experiments/$m.yaml" --batch 8 \
+  timeout ${MODEL_TIMEOUT:-120} python -P -m hybridlab bench model "$ROOT/experiments/$m.yaml" --batch 8 \
       --seq-len 4096 --steps 5 --contexts ${CONTEXTS:-1K,8K,32K,128K} --time-budget 15 --cuda-graph \
       --json "$OUT/bench_$m.json" > "$OUT/bench_$m.log" 2>&1
   echo "$m exit $?"; grep -v "Triton autotuning\|UserWarning\|warn" "$OUT/bench_$m.log" | tail -8
