@@ -37,10 +37,11 @@ def _ce_rows_kernel(logits_ptr, targets_ptr, inv_count_ptr, loss_ptr, V, stride_
         x = tl.load(base + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, x)
         empty = m_new == float("-inf")  # lanes past V in every block so far: keep (-inf, 0)
-        s = s * tl.exp(tl.where(empty, 0.0, m - m_new)) + tl.where(empty, 0.0, tl.exp(x - m_new))
+        ref = tl.where(empty, 0.0, m_new)  # never -inf - -inf (NaN) below
+        s = s * tl.exp(tl.where(empty, 0.0, m) - ref) + tl.exp(x - ref)
         m = m_new
     m_row = tl.max(m, 0)
-    lse = m_row + tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - m_row)), 0))
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), 0))  # s = 0 on empty lanes: exp(-inf) = 0
     picked = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
     if WRITE_GRAD:
