@@ -116,37 +116,48 @@ def _wide(rows, OFF64: tl.constexpr):
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _score_tile(q, pos_m, k_base, v_base, kvm_base, stride_kl, stride_vl, start_n, L, window, qk_scale,
+                MASKED: tl.constexpr, HAS_KV_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+                OFF64: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Keys [start_n, start_n + BLOCK_N): their k, v tiles (BN, D) and the scores q k^T (BM, BN)
+    in the log2 domain, with every invisible (query, key) pair set to _NEG. Shared by the
+    forward and the dq pass."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = start_n + tl.arange(0, BLOCK_N)  # (BN,) key positions
+    k_ptrs = k_base + _wide(cols, OFF64)[:, None] * stride_kl + offs_d[None, :]
+    v_ptrs = v_base + _wide(cols, OFF64)[:, None] * stride_vl + offs_d[None, :]
+    if MASKED:
+        col_ok = cols < L
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)  # (BN, D)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_FP32)  # (BM, BN)
+    qk = qk * qk_scale  # log2 domain; scaled in fp32 after the dot, not by rounding q
+    if MASKED:
+        rel = pos_m[:, None] - cols[None, :]  # query - key, original positions
+        vis = (rel >= 0) & (rel < window)
+        if HAS_KV_MASK:
+            kvm = tl.load(kvm_base + cols, mask=col_ok, other=0) != 0
+            vis = vis & (kvm[None, :] | (rel == 0))
+        qk = tl.where(vis, qk, _NEG)
+    elif HAS_KV_MASK:
+        kvm = tl.load(kvm_base + cols) != 0
+        qk = tl.where(kvm[None, :], qk, _NEG)
+    return k, v, qk
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, pos_m, k_base, v_base, kvm_base, stride_kl, stride_vl,
                start, end, L, window, qk_scale,
                MASKED: tl.constexpr, HAS_KV_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
                OFF64: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Online softmax over keys [start, end). MASKED=False: every (query, key) pair is visible
     up to kv_mask, which the caller guarantees for the middle segment."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n  # (BN,) key positions
-        k_ptrs = k_base + _wide(cols, OFF64)[:, None] * stride_kl + offs_d[None, :]
-        v_ptrs = v_base + _wide(cols, OFF64)[:, None] * stride_vl + offs_d[None, :]
-        if MASKED:
-            col_ok = cols < L
-            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)  # (BN, D)
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_FP32)  # (BM, BN)
-        qk = qk * qk_scale  # log2 domain; scaled in fp32 after the dot, not by rounding q
-        if MASKED:
-            rel = pos_m[:, None] - cols[None, :]  # query - key, original positions
-            vis = (rel >= 0) & (rel < window)
-            if HAS_KV_MASK:
-                kvm = tl.load(kvm_base + cols, mask=col_ok, other=0) != 0
-                vis = vis & (kvm[None, :] | (rel == 0))
-            qk = tl.where(vis, qk, _NEG)
-        elif HAS_KV_MASK:
-            kvm = tl.load(kvm_base + cols) != 0
-            qk = tl.where(kvm[None, :], qk, _NEG)
+        k, v, qk = _score_tile(q, pos_m, k_base, v_base, kvm_base, stride_kl, stride_vl, start_n,
+                               L, window, qk_scale, MASKED, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -299,32 +310,10 @@ def _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, stride_kl,
               start, end, L, window, qk_scale,
               MASKED: tl.constexpr, HAS_KV_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
               OFF64: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        k_ptrs = k_base + _wide(cols, OFF64)[:, None] * stride_kl + offs_d[None, :]
-        v_ptrs = v_base + _wide(cols, OFF64)[:, None] * stride_vl + offs_d[None, :]
-        if MASKED:
-            col_ok = cols < L
-            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)  # (BN, D)
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_FP32)  # (BM, BN)
-        qk = qk * qk_scale  # log2 domain; scaled in fp32 after the dot, not by rounding q
-        p = tl.math.exp2(qk - lse[:, None])
-        if MASKED:
-            rel = pos_m[:, None] - cols[None, :]
-            vis = (rel >= 0) & (rel < window)
-            if HAS_KV_MASK:
-                kvm = tl.load(kvm_base + cols, mask=col_ok, other=0) != 0
-                vis = vis & (kvm[None, :] | (rel == 0))
-            p = tl.where(vis, p, 0.0)
-        elif HAS_KV_MASK:
-            kvm = tl.load(kvm_base + cols) != 0
-            p = tl.where(kvm[None, :], p, 0.0)
+        k, v, qk = _score_tile(q, pos_m, k_base, v_base, kvm_base, stride_kl, stride_vl, start_n,
+                               L, window, qk_scale, MASKED, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
+        p = tl.math.exp2(qk - lse[:, None])  # 0 where invisible (_NEG)
         dp = _mm(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_FP32)
         ds = p * (dp - delta[:, None])  # dL/d(score), up to the softmax scale
         dq = _mm(ds.to(k.dtype), k, dq, DOT_FP32)
