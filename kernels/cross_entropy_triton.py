@@ -53,30 +53,35 @@ def _ce_rows_kernel(logits_ptr, targets_ptr, inv_count_ptr, loss_ptr, V, stride_
             tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
+def _mean_loss(h, weight, targets, chunk, ignore_index, grad_h=None, grad_w=None):
+    """Mean CE over non-ignored targets, chunk by chunk. Given grad_h (N, d) and/or grad_w (V, d)
+    fp32 buffers, also fills them with the gradients of that mean (one pass, no recompute)."""
+    write_grad = grad_h is not None or grad_w is not None
+    inv_count = 1.0 / (targets != ignore_index).sum().clamp_min(1).float()   # device scalar, no sync
+    losses = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        hc = h[s:s + chunk]
+        logits = F.linear(hc, weight)                                         # (c, V), h's dtype
+        _ce_rows_kernel[(hc.shape[0],)](
+            logits, targets[s:s + chunk], inv_count, losses[s:s + chunk], weight.shape[0],
+            logits.stride(0), ignore_index, WRITE_GRAD=write_grad, BLOCK_V=64 if _INTERPRET else 4096,
+            num_warps=1 if _INTERPRET else 8)
+        if grad_h is not None:                                                # logits now hold d loss / d logits
+            torch.matmul(logits, weight, out=grad_h[s:s + chunk])
+        if grad_w is not None:
+            grad_w += logits.t() @ hc                                         # fp32 += (V, c) @ (c, d)
+    return losses.sum() * inv_count
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, ignore_index):
-        n, v = h.shape[0], weight.shape[0]
         ctx.weight_dtype = weight.dtype
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        valid = targets != ignore_index
-        inv_count = 1.0 / valid.sum().clamp_min(1).float()                   # device scalar, no sync
-        losses = torch.empty(n, device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        block_v = 64 if _INTERPRET else 4096
-        for s in range(0, n, chunk):
-            hc = h[s:s + chunk]
-            logits = F.linear(hc, weight)                                     # (c, V), h's dtype
-            _ce_rows_kernel[(hc.shape[0],)](
-                logits, targets[s:s + chunk], inv_count, losses[s:s + chunk], v, logits.stride(0),
-                ignore_index, WRITE_GRAD=need_grad, BLOCK_V=block_v, num_warps=1 if _INTERPRET else 8)
-            if grad_h is not None:
-                torch.matmul(logits, weight, out=grad_h[s:s + chunk])
-            if grad_w is not None:
-                grad_w += logits.t() @ hc                                     # fp32 += (V, c) @ (c, d)
+        loss = _mean_loss(h, weight, targets, chunk, ignore_index, grad_h, grad_w)
         ctx.save_for_backward(grad_h, grad_w)
-        return losses.sum() * inv_count
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -87,5 +92,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(h, weight, targets, chunk: int = 8192, ignore_index: int = -100):
-    """h (N, d) and weight (V, d) in one dtype; targets (N,). Mean CE over non-ignored targets."""
-    return _FusedLinearCrossEntropy.apply(h.contiguous(), weight, targets.contiguous(), chunk, ignore_index)
+    """h (N, d) and weight (V, d) in one dtype; targets (N,). Mean CE over non-ignored targets.
+
+    Without autograd (torch.no_grad, or nothing requiring grad) only the loss is computed: an
+    autograd Function's forward cannot tell, since needs_input_grad follows requires_grad alone.
+    """
+    h, targets = h.contiguous(), targets.contiguous()
+    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+        return _mean_loss(h, weight, targets, chunk, ignore_index)
+    return _FusedLinearCrossEntropy.apply(h, weight, targets, chunk, ignore_index)
