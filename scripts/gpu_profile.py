@@ -137,8 +137,8 @@ def block_section():
 
 
 def conv_section():
-    """conv1d + SiLU backward implementations (_BWD_IMPL) side by side, on a contiguous input
-    and on Mamba-2's strided xBC slice of the in-proj output."""
+    """conv1d + SiLU forward and forward+backward, on a contiguous input and on Mamba-2's
+    strided xBC slice of the in-proj output."""
     from hybridlab.kernels import conv1d_triton as ct
 
     b, l, d, k = 8, 8192, 1792, 4
@@ -152,14 +152,11 @@ def conv_section():
             x = torch.randn(b, l, 3352, device="cuda", dtype=torch.bfloat16)[:, :, 768:768 + d].requires_grad_()
         with torch.no_grad():
             print(f"conv1d B{b} L{l} D{d} k{k} {layout}: fwd {bench(lambda: ct.causal_conv1d(x, w, bias)):.3f} ms")
-        for impl in sorted(ct._BWD_IMPLS):
-            ct._BWD_IMPL = impl
 
-            def fb():
-                return torch.autograd.grad(ct.causal_conv1d(x, w, bias), (x, w, bias), dy)
+        def fb():
+            return torch.autograd.grad(ct.causal_conv1d(x, w, bias), (x, w, bias), dy)
 
-            print(f"conv1d {layout}: fwd+bwd {impl} {bench(fb):.3f} ms")
-    ct._BWD_IMPL = "v2"
+        print(f"conv1d {layout}: fwd+bwd {bench(fb):.3f} ms")
 
 
 def ce_section():

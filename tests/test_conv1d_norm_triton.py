@@ -45,16 +45,6 @@ def check_grads(got, want, dtype, what):
 
 # ----------------------------------------------------------------------------- conv1d
 
-BWD_IMPLS = sorted(ct._BWD_IMPLS)
-
-
-@pytest.fixture(params=BWD_IMPLS)
-def bwd_impl(request, monkeypatch):
-    """Runs a backward test under each backward implementation (`_BWD_IMPL`)."""
-    monkeypatch.setattr(ct, "_BWD_IMPL", request.param)
-    return request.param
-
-
 def _conv_case(b, l, d, k, dtype, w_dtype, seq_idx, use_bias, activation="silu", strided=False):
     if strided:  # x sliced out of a wider (b, l, 3d) projection, as Mamba-2's xBC split does
         x = torch.randn(b, l, 3 * d, device=DEV, dtype=dtype)[:, :, d : 2 * d]
@@ -92,13 +82,13 @@ def _conv_case(b, l, d, k, dtype, w_dtype, seq_idx, use_bias, activation="silu",
         (5, torch.float32, torch.float32, True, True),  # k > 4 takes the generic backward path
     ],
 )
-def test_conv1d_matches_reference(k, dtype, w_dtype, packed, use_bias, bwd_impl):
+def test_conv1d_matches_reference(k, dtype, w_dtype, packed, use_bias):
     b, l, d = 2, 37, 20  # odd length, d not a multiple of the channel block
     seq = packed_seq_idx(b, l, [[1, 3, 4, 20], [29]]) if packed else None  # incl. 1-token sequences
     _conv_case(b, l, d, k, dtype, w_dtype, seq, use_bias)
 
 
-def test_conv1d_no_activation_strided_input(bwd_impl):
+def test_conv1d_no_activation_strided_input():
     seq = packed_seq_idx(1, 23, [[7]])
     _conv_case(1, 23, 12, 4, torch.float32, torch.float32, seq, True, activation=None, strided=True)
 
@@ -113,7 +103,7 @@ def test_conv1d_no_activation_strided_input(bwd_impl):
         (4, torch.bfloat16, False, False, "silu"),
     ],
 )
-def test_conv1d_grads_more_cases(k, dtype, packed, use_bias, activation, bwd_impl):
+def test_conv1d_grads_more_cases(k, dtype, packed, use_bias, activation):
     """Odd l over several row tiles and chunks; boundaries at, just before and just after tile
     edges (the CPU tiles are 16 rows, chunks 32) and mid-tile; strided (non-contiguous) x."""
     b, l, d = 2, 51, 20
@@ -122,10 +112,9 @@ def test_conv1d_grads_more_cases(k, dtype, packed, use_bias, activation, bwd_imp
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_conv1d_bwd_v2_fp32_scratch(dtype, monkeypatch):
-    """v2 with the dpre scratch kept in fp32 (`_BWD_DPRE_LOWP = False`) agrees too, and the
-    16-bit scratch costs little against it."""
-    monkeypatch.setattr(ct, "_BWD_IMPL", "v2")
+def test_conv1d_bwd_fp32_scratch(dtype, monkeypatch):
+    """The backward with its dpre scratch kept in fp32 (`_BWD_DPRE_LOWP = False`) agrees too,
+    and the 16-bit scratch costs little against it."""
     b, l, d, k = 1, 37, 20, 4
     seq = packed_seq_idx(b, l, [[5, 17]])
     x = torch.randn(b, l, d, device=DEV, dtype=dtype)
@@ -147,24 +136,7 @@ def test_conv1d_bwd_v2_fp32_scratch(dtype, monkeypatch):
     assert rel(grads[True][0], grads[False][0]) < TOL[dtype]
 
 
-def test_conv1d_bwd_impls_agree(monkeypatch):
-    """Every backward implementation gives v1's gradients (fp32, up to summation order)."""
-    b, l, d, k = 1, 45, 20, 4
-    seq = packed_seq_idx(b, l, [[9, 10, 32]])
-    x, w, bias = torch.randn(b, l, d), torch.randn(d, k), torch.randn(d)
-    x, w, bias, seq = x.to(DEV), w.to(DEV), bias.to(DEV), seq.to(DEV)
-    dy = torch.randn(b, l, d, device=DEV)
-    out = {}
-    for impl in BWD_IMPLS:
-        monkeypatch.setattr(ct, "_BWD_IMPL", impl)
-        ins = [leaf(x), leaf(w), leaf(bias)]
-        out[impl] = torch.autograd.grad(ct.causal_conv1d(*ins, seq_idx=seq), ins, dy)
-    for impl in BWD_IMPLS:
-        for a, b_ in zip(out[impl], out["v1"]):
-            assert rel(a, b_) < 1e-6, impl
-
-
-def test_conv1d_bwd_broadcast_dy(bwd_impl):
+def test_conv1d_bwd_broadcast_dy():
     """y.sum() hands the backward an expanded dy (all strides 0)."""
     b, l, d, k = 1, 21, 12, 3
     seq = packed_seq_idx(b, l, [[6]])
@@ -175,106 +147,12 @@ def test_conv1d_bwd_broadcast_dy(bwd_impl):
     check_grads(got, want, torch.float32, ["dx", "dweight"])
 
 
-def test_conv1d_bwd_impl_switch(monkeypatch):
-    monkeypatch.setattr(ct, "_BWD_IMPL", "nope")
-    x = leaf(torch.randn(1, 4, 4, device=DEV))
-    y = ct.causal_conv1d(x, torch.randn(4, 2, device=DEV))
-    with pytest.raises(ValueError, match="_BWD_IMPL"):
-        y.sum().backward()
-
-
-def test_conv1d_packed_equals_separate():
-    """No tap crosses a boundary: a packed row equals its sequences run one by one."""
-    d, k, lens = 12, 4, [5, 1, 11]
-    x = torch.randn(1, sum(lens), d, device=DEV)
-    w, bias = torch.randn(d, k, device=DEV), torch.randn(d, device=DEV)
-    seq = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lens)])[None].to(DEV)
-    y = ct.causal_conv1d(x, w, bias, seq_idx=seq)
-    parts = torch.split(x, lens, dim=1)
-    y_sep = torch.cat([ct.causal_conv1d(p.contiguous(), w, bias) for p in parts], dim=1)
-    assert rel(y, y_sep) < 1e-6
-
-
-@pytest.mark.parametrize("k,dtype,state_dtype", [(4, torch.float32, torch.float32),
-                                                 (3, torch.bfloat16, torch.float32)])
-def test_conv1d_update_matches_reference(k, dtype, state_dtype):
-    b, d = 3, 20
-    x = torch.randn(b, d, device=DEV, dtype=dtype)
-    state = torch.randn(b, d, k, device=DEV, dtype=state_dtype)
-    w, bias = torch.randn(d, k, device=DEV), torch.randn(d, device=DEV)
-    state_ref = state.clone()
-    y = ct.causal_conv1d_update(x, state, w, bias)
-    yr = causal_conv1d_update_ref(x, state_ref, w, bias)
-    assert y.dtype == dtype
-    assert torch.equal(state, state_ref)
-    assert rel(y, yr) < TOL[dtype]
-
-
-def test_conv1d_update_continues_forward():
-    """Decoding token by token reproduces the full-sequence forward."""
-    b, l, d, k = 2, 9, 12, 4
-    x = torch.randn(b, l, d, device=DEV)
-    w, bias = torch.randn(d, k, device=DEV), torch.randn(d, device=DEV)
-    y_full = ct.causal_conv1d(x, w, bias)
-    state = torch.zeros(b, d, k, device=DEV)
-    ys = [ct.causal_conv1d_update(x[:, t], state, w, bias) for t in range(l)]
-    assert rel(torch.stack(ys, 1), y_full) < 1e-6
-
-
-# ----------------------------------------------------------------------------- norms
-
-
-def _norm_case(shape, dtype, group_size, norm_before_gate, gated=True, w_dtype=torch.float32):
-    d = shape[-1]
-    x = leaf(torch.randn(*shape, device=DEV, dtype=dtype))
-    z = leaf(torch.randn(*shape, device=DEV, dtype=dtype)) if gated else None
-    w = leaf(1 + 0.1 * torch.randn(d, device=DEV, dtype=w_dtype))
-    ins = [x, z, w] if gated else [x, w]
-    if gated:
-        y = nt.gated_rms_norm(x, z, w, 1e-5, group_size, norm_before_gate)
-    else:
-        y = nt.rms_norm(x, w, 1e-5)
-    assert y.shape == x.shape and y.dtype == dtype
-    dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, ins, dy)
-    ref_ins = [leaf(t.float()) for t in ins]
-    if gated:
-        yr = gated_rms_norm_ref(*ref_ins, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
-    else:
-        yr = rms_norm_ref(*ref_ins, eps=1e-5)
-    want = torch.autograd.grad(yr, ref_ins, dy.float())
-    assert rel(y, yr) < TOL[dtype], ("y", rel(y, yr))
-    check_grads(got, want, dtype, ["dx", "dz", "dweight"] if gated else ["dx", "dweight"])
-    for g, t in zip(got, ins):
-        assert g.dtype == t.dtype and g.shape == t.shape
-
-
-@pytest.mark.parametrize(
-    "dtype,group_size,norm_before_gate",
-    [
-        (torch.float32, None, False),
-        (torch.float32, None, True),
-        (torch.float32, 8, False),
-        (torch.bfloat16, 8, True),
-        (torch.bfloat16, None, False),
-        (torch.float16, 12, False),  # group not a power of two
-    ],
-)
-def test_gated_rms_norm_matches_reference(dtype, group_size, norm_before_gate):
-    _norm_case((2, 5, 24), dtype, group_size, norm_before_gate)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_reference(dtype):
-    _norm_case((7, 20), dtype, None, False, gated=False, w_dtype=dtype)
-
-
 # ----------------------------------------------------------------------------- GPU, real shapes
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True])
-def test_conv1d_gpu_real_shape(packed, bwd_impl):
+def test_conv1d_gpu_real_shape(packed):
     b, l, d = 2, 4099, 1792
     seq = packed_seq_idx(b, l, [[1, 1000, 2500], [4000]]) if packed else None
     _conv_case(b, l, d, 4, torch.bfloat16, torch.bfloat16, seq, True, strided=packed)

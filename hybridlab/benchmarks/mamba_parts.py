@@ -123,7 +123,8 @@ def _print(rows):
 def _print_configs():
     from hybridlab.kernels import conv1d_triton, norm_triton
 
-    for name, kern in [("conv fwd", conv1d_triton._conv_fwd_kernel), ("conv bwd", conv1d_triton._conv_bwd_kernel),
+    for name, kern in [("conv fwd", conv1d_triton._conv_fwd_kernel), ("conv bwd dpre", conv1d_triton._conv_bwd_dpre_kernel),
+                       ("conv bwd dx", conv1d_triton._conv_bwd_dx_kernel),
                        ("norm fwd", norm_triton._norm_fwd_kernel), ("norm bwd", norm_triton._norm_bwd_kernel)]:
         cache = getattr(kern, "cache", {})
         for key, cfg in cache.items():
