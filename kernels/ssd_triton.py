@@ -658,7 +658,7 @@ def _bwd_dc(
 _SPLIT_TARGET = 2048
 
 
-def _n_split(heads_per_group: int, programs: int, target: int = 2048) -> int:
+def _n_split(heads_per_group: int, programs: int, target: int) -> int:
     """Split a group's heads over programs until the grid is large enough (dB/dC are summed)."""
     split = 1
     while programs * split < target:
