@@ -147,6 +147,92 @@ def test_conv1d_bwd_broadcast_dy():
     check_grads(got, want, torch.float32, ["dx", "dweight"])
 
 
+def test_conv1d_packed_equals_separate():
+    """No tap crosses a boundary: a packed row equals its sequences run one by one."""
+    d, k, lens = 12, 4, [5, 1, 11]
+    x = torch.randn(1, sum(lens), d, device=DEV)
+    w, bias = torch.randn(d, k, device=DEV), torch.randn(d, device=DEV)
+    seq = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lens)])[None].to(DEV)
+    y = ct.causal_conv1d(x, w, bias, seq_idx=seq)
+    parts = torch.split(x, lens, dim=1)
+    y_sep = torch.cat([ct.causal_conv1d(p.contiguous(), w, bias) for p in parts], dim=1)
+    assert rel(y, y_sep) < 1e-6
+
+
+@pytest.mark.parametrize("k,dtype,state_dtype", [(4, torch.float32, torch.float32),
+                                                 (3, torch.bfloat16, torch.float32)])
+def test_conv1d_update_matches_reference(k, dtype, state_dtype):
+    b, d = 3, 20
+    x = torch.randn(b, d, device=DEV, dtype=dtype)
+    state = torch.randn(b, d, k, device=DEV, dtype=state_dtype)
+    w, bias = torch.randn(d, k, device=DEV), torch.randn(d, device=DEV)
+    state_ref = state.clone()
+    y = ct.causal_conv1d_update(x, state, w, bias)
+    yr = causal_conv1d_update_ref(x, state_ref, w, bias)
+    assert y.dtype == dtype
+    assert torch.equal(state, state_ref)
+    assert rel(y, yr) < TOL[dtype]
+
+
+def test_conv1d_update_continues_forward():
+    """Decoding token by token reproduces the full-sequence forward."""
+    b, l, d, k = 2, 9, 12, 4
+    x = torch.randn(b, l, d, device=DEV)
+    w, bias = torch.randn(d, k, device=DEV), torch.randn(d, device=DEV)
+    y_full = ct.causal_conv1d(x, w, bias)
+    state = torch.zeros(b, d, k, device=DEV)
+    ys = [ct.causal_conv1d_update(x[:, t], state, w, bias) for t in range(l)]
+    assert rel(torch.stack(ys, 1), y_full) < 1e-6
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def _norm_case(shape, dtype, group_size, norm_before_gate, gated=True, w_dtype=torch.float32):
+    d = shape[-1]
+    x = leaf(torch.randn(*shape, device=DEV, dtype=dtype))
+    z = leaf(torch.randn(*shape, device=DEV, dtype=dtype)) if gated else None
+    w = leaf(1 + 0.1 * torch.randn(d, device=DEV, dtype=w_dtype))
+    ins = [x, z, w] if gated else [x, w]
+    if gated:
+        y = nt.gated_rms_norm(x, z, w, 1e-5, group_size, norm_before_gate)
+    else:
+        y = nt.rms_norm(x, w, 1e-5)
+    assert y.shape == x.shape and y.dtype == dtype
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, ins, dy)
+    ref_ins = [leaf(t.float()) for t in ins]
+    if gated:
+        yr = gated_rms_norm_ref(*ref_ins, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
+    else:
+        yr = rms_norm_ref(*ref_ins, eps=1e-5)
+    want = torch.autograd.grad(yr, ref_ins, dy.float())
+    assert rel(y, yr) < TOL[dtype], ("y", rel(y, yr))
+    check_grads(got, want, dtype, ["dx", "dz", "dweight"] if gated else ["dx", "dweight"])
+    for g, t in zip(got, ins):
+        assert g.dtype == t.dtype and g.shape == t.shape
+
+
+@pytest.mark.parametrize(
+    "dtype,group_size,norm_before_gate",
+    [
+        (torch.float32, None, False),
+        (torch.float32, None, True),
+        (torch.float32, 8, False),
+        (torch.bfloat16, 8, True),
+        (torch.bfloat16, None, False),
+        (torch.float16, 12, False),  # group not a power of two
+    ],
+)
+def test_gated_rms_norm_matches_reference(dtype, group_size, norm_before_gate):
+    _norm_case((2, 5, 24), dtype, group_size, norm_before_gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_reference(dtype):
+    _norm_case((7, 20), dtype, None, False, gated=False, w_dtype=dtype)
+
+
 # ----------------------------------------------------------------------------- GPU, real shapes
 
 
