@@ -10,9 +10,11 @@ so, with dpre = dy * silu'(a),
     dw[j]   = sum_t dpre[t] * x[t-(k-1)+j] * [same sequence]
     dbias   = sum_t dpre[t]
 
-The backward recomputes `a` (it saves only x): a dpre kernel (+ dw/dbias partials), then a
-dx stencil over the dpre scratch buffer. Shifted tiles are re-read from L1/L2. x is (b, l, d) with any strides (Mamba-2 slices x/B/C out of the
-in-projection, so rows are usually not contiguous); all math is fp32.
+The backward recomputes `a` (it saves only x). For k <= 4 (Mamba-2) the row-streaming kernels
+of `conv1d_rows_triton.py` run; the tiled kernels here serve any k: the forward over row tiles,
+the backward as a dpre kernel (+ dw/dbias partials), then a dx stencil over the dpre scratch
+buffer (shifted tiles are re-read from L1/L2). x is (b, l, d) with any strides (Mamba-2 slices
+x/B/C out of the in-projection, so rows are usually not contiguous); all math is fp32.
 """
 from __future__ import annotations
 
@@ -307,9 +309,16 @@ def _silu_flag(activation):
     return activation is not None
 
 
+def _rows(k):
+    return _ROWS and k <= 4
+
+
 def _conv_fwd(x, weight, bias, seq_idx, silu):
     b, l, d = x.shape
     k = weight.shape[1]
+    if _rows(k):
+        from .conv1d_rows_triton import conv_fwd_rows
+        return conv_fwd_rows(x, weight, bias, seq_idx, silu)
     y = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
     has_seq = seq_idx is not None
     seq = seq_idx if has_seq else x
@@ -337,6 +346,9 @@ def _chunk_l(l):
 def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
     b, l, d = x.shape
     k = weight.shape[1]
+    if _rows(k):
+        from .conv1d_rows_triton import conv_bwd_rows
+        return conv_bwd_rows(x, weight, bias, seq_idx, dy, silu)
     chunk = _chunk_l(l)
     n_chunks = triton.cdiv(l, chunk)
     lowp = _BWD_DPRE_LOWP and dy.dtype in (torch.bfloat16, torch.float16)
@@ -368,6 +380,9 @@ def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
     return dx, dw, db
 
 
+# k <= 4 (Mamba-2's conv): the row-streaming kernels of `conv1d_rows_triton.py`, which read
+# each row once; HYBRIDLAB_CONV_ROWS=0 keeps the tiled kernels above (A/B timing, tests).
+_ROWS = os.environ.get("HYBRIDLAB_CONV_ROWS", "1") != "0"
 # Keep the dpre scratch in dy's dtype when that is bf16/fp16 (else fp32); False for A/B checks.
 _BWD_DPRE_LOWP = os.environ.get("HYBRIDLAB_CONV_BWD_LOWP", "1") != "0"
 

@@ -45,6 +45,14 @@ def check_grads(got, want, dtype, what):
 
 # ----------------------------------------------------------------------------- conv1d
 
+
+@pytest.fixture(params=["rows", "tiles"])
+def conv_impl(request, monkeypatch):
+    """Runs a conv test with the row-streaming kernels (k <= 4) and with the tiled ones."""
+    monkeypatch.setattr(ct, "_ROWS", request.param == "rows")
+    return request.param
+
+
 def _conv_case(b, l, d, k, dtype, w_dtype, seq_idx, use_bias, activation="silu", strided=False):
     if strided:  # x sliced out of a wider (b, l, 3d) projection, as Mamba-2's xBC split does
         x = torch.randn(b, l, 3 * d, device=DEV, dtype=dtype)[:, :, d : 2 * d]
@@ -82,13 +90,13 @@ def _conv_case(b, l, d, k, dtype, w_dtype, seq_idx, use_bias, activation="silu",
         (5, torch.float32, torch.float32, True, True),  # k > 4 takes the generic backward path
     ],
 )
-def test_conv1d_matches_reference(k, dtype, w_dtype, packed, use_bias):
+def test_conv1d_matches_reference(k, dtype, w_dtype, packed, use_bias, conv_impl):
     b, l, d = 2, 37, 20  # odd length, d not a multiple of the channel block
     seq = packed_seq_idx(b, l, [[1, 3, 4, 20], [29]]) if packed else None  # incl. 1-token sequences
     _conv_case(b, l, d, k, dtype, w_dtype, seq, use_bias)
 
 
-def test_conv1d_no_activation_strided_input():
+def test_conv1d_no_activation_strided_input(conv_impl):
     seq = packed_seq_idx(1, 23, [[7]])
     _conv_case(1, 23, 12, 4, torch.float32, torch.float32, seq, True, activation=None, strided=True)
 
@@ -103,7 +111,7 @@ def test_conv1d_no_activation_strided_input():
         (4, torch.bfloat16, False, False, "silu"),
     ],
 )
-def test_conv1d_grads_more_cases(k, dtype, packed, use_bias, activation):
+def test_conv1d_grads_more_cases(k, dtype, packed, use_bias, activation, conv_impl):
     """Odd l over several row tiles and chunks; boundaries at, just before and just after tile
     edges (the CPU tiles are 16 rows, chunks 32) and mid-tile; strided (non-contiguous) x."""
     b, l, d = 2, 51, 20
@@ -114,7 +122,8 @@ def test_conv1d_grads_more_cases(k, dtype, packed, use_bias, activation):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_conv1d_bwd_fp32_scratch(dtype, monkeypatch):
     """The backward with its dpre scratch kept in fp32 (`_BWD_DPRE_LOWP = False`) agrees too,
-    and the 16-bit scratch costs little against it."""
+    and the 16-bit scratch costs little against it (the tiled backward: the only one with a scratch)."""
+    monkeypatch.setattr(ct, "_ROWS", False)
     b, l, d, k = 1, 37, 20, 4
     seq = packed_seq_idx(b, l, [[5, 17]])
     x = torch.randn(b, l, d, device=DEV, dtype=dtype)
@@ -136,7 +145,7 @@ def test_conv1d_bwd_fp32_scratch(dtype, monkeypatch):
     assert rel(grads[True][0], grads[False][0]) < TOL[dtype]
 
 
-def test_conv1d_bwd_broadcast_dy():
+def test_conv1d_bwd_broadcast_dy(conv_impl):
     """y.sum() hands the backward an expanded dy (all strides 0)."""
     b, l, d, k = 1, 21, 12, 3
     seq = packed_seq_idx(b, l, [[6]])
@@ -147,7 +156,7 @@ def test_conv1d_bwd_broadcast_dy():
     check_grads(got, want, torch.float32, ["dx", "dweight"])
 
 
-def test_conv1d_packed_equals_separate():
+def test_conv1d_packed_equals_separate(conv_impl):
     """No tap crosses a boundary: a packed row equals its sequences run one by one."""
     d, k, lens = 12, 4, [5, 1, 11]
     x = torch.randn(1, sum(lens), d, device=DEV)
@@ -238,7 +247,7 @@ def test_rms_norm_matches_reference(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True])
-def test_conv1d_gpu_real_shape(packed):
+def test_conv1d_gpu_real_shape(packed, conv_impl):
     b, l, d = 2, 4099, 1792
     seq = packed_seq_idx(b, l, [[1, 1000, 2500], [4000]]) if packed else None
     _conv_case(b, l, d, 4, torch.bfloat16, torch.bfloat16, seq, True, strided=packed)
