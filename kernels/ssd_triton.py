@@ -24,7 +24,8 @@ Backward kernels:
     _bwd_dc                          rows t: dC, dcs (target side of L); the group's heads are summed
                                      on each (t, s) tile before the N-wide matmuls with B, so those
                                      run once per tile instead of once per head
-and cheap (B, H, L)-sized torch ops for the reverse cumsum and the dt softplus/bias chain.
+    _dt_bwd                          the chunk-local reverse cumsum of dcs and the dt chain back
+                                     through clamp, softplus and bias (was ~20 small torch ops)
 
 State is accumulated in fp32 everywhere (in registers, along the chunk recurrence and inside
 each chunk). What goes through memory between kernels is stored narrower for bf16 inputs: the
@@ -43,7 +44,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -410,6 +410,59 @@ def _gate_bwd(dy_ptr, z_ptr, ypre_ptr, dypre_ptr, dz_ptr, numel, BLOCK: tl.const
     sz = tl.sigmoid(z)
     tl.store(dypre_ptr + offs, (dy * z * sz).to(dypre_ptr.dtype.element_ty), mask=mask)
     tl.store(dz_ptr + offs, (dy * yp * sz * (1.0 + z * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dt_bwd(
+    dcs_a_ptr, dcs_b_ptr, dcse_ptr, dcs_end_ptr, ddt_ptr, dt_p_ptr, A_ptr, dt_ptr, dt_bias_ptr,
+    ddt_raw_ptr, dA_part_ptr, dbias_part_ptr,
+    L, H, n_end, stride_dt_b, stride_dt_l, stride_dt_h, stride_ddt_b, stride_ddt_l, stride_ddt_h,
+    dt_min, dt_max,
+    Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+):
+    # grid (n_chunks, batch, cdiv(H, BLOCK_H)): the reverse of `_dt_cumsum_fwd` for one chunk.
+    #   dcs_t = dcs_a + dcs_b (+ the chunk-end terms at t = Q-1: dcs_end partials and sum_s dcse_s)
+    #   da_s = sum_{t>=s} dcs_t;  dA += da dt;  d(dt) = ddt + da A;  then back through the
+    #   clamp, the softplus and the bias to the raw dt (B, L, H). dA and ddt_bias partials per
+    #   program: (batch * n_chunks, H), summed outside.
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    nc = tl.num_programs(0)
+    offs_q = tl.arange(0, Q)
+    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = offs_h < H
+    t = pid_c * Q + offs_q
+    mask = (t < L)[:, None] & hmask[None, :]
+    buf = pid_b * H * (nc * Q) + offs_h[None, :] * (nc * Q) + t[:, None]           # (Q, BLOCK_H)
+    dcs = (tl.load(dcs_a_ptr + buf, mask=mask, other=0.0) + tl.load(dcs_b_ptr + buf, mask=mask, other=0.0))
+    offs_e = tl.arange(0, BLOCK_E)
+    ends = tl.load(dcs_end_ptr + ((pid_b * H + offs_h[None, :]) * nc + pid_c) * n_end + offs_e[:, None],
+                   mask=(offs_e < n_end)[:, None] & hmask[None, :], other=0.0)     # (BLOCK_E, BLOCK_H)
+    end = tl.sum(ends, axis=0) + tl.sum(tl.load(dcse_ptr + buf, mask=mask, other=0.0), axis=0)
+    dcs += tl.where(offs_q[:, None] == Q - 1, end[None, :], 0.0)                     # cs_Q: the padded end
+    da = tl.cumsum(dcs, axis=0, reverse=True)
+    dt = tl.load(dt_p_ptr + buf, mask=mask, other=0.0)
+    A = tl.load(A_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    part = pid_b * nc + pid_c
+    tl.store(dA_part_ptr + part * H + offs_h, tl.sum(da * dt, axis=0), mask=hmask)
+    g = tl.load(ddt_ptr + buf, mask=mask, other=0.0) + da * A[None, :]
+    v = tl.load(dt_ptr + pid_b * stride_dt_b + t[:, None] * stride_dt_l + offs_h[None, :] * stride_dt_h,
+                mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(dt_bias_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_LIMIT:
+        pre = v
+        if SOFTPLUS:
+            pre = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+        g = tl.where((pre >= dt_min) & (pre <= dt_max), g, 0.0)
+    if SOFTPLUS:
+        g = tl.where(v > 20.0, g, g * tl.sigmoid(v))
+    g = tl.where(mask, g, 0.0)
+    tl.store(ddt_raw_ptr + pid_b * stride_ddt_b + t[:, None] * stride_ddt_l + offs_h[None, :] * stride_ddt_h,
+             g.to(ddt_raw_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + part * H + offs_h, tl.sum(g, axis=0), mask=hmask)
 
 
 # (rows, columns, warps, stages) of the backward kernels' (s, t) tiles. Short loops of small
@@ -817,10 +870,11 @@ def _backward(ctx, dy, dfinal):
 
     hpg = h // g
     dx = torch.empty_like(x)
-    ddt = torch.zeros(b, h, nc * Q, device=dev, dtype=torch.float32)
-    dcs_a = torch.zeros_like(ddt)
-    dcs_b = torch.zeros_like(ddt)
-    dcse = torch.zeros_like(ddt)
+    # (B, H, nc*Q): every position of the sequence is written; _dt_bwd masks the padding
+    ddt = torch.empty(b, h, nc * Q, device=dev, dtype=torch.float32)
+    dcs_a = torch.empty_like(ddt)
+    dcs_b = torch.empty_like(ddt)
+    dcse = torch.empty_like(ddt)
     BLOCK_P, BLOCK_N = _pow2(p), _pow2(n)
     n_sblk_max = triton.cdiv(Q, 32)   # partial buffers sized for the smallest row block
     split = _n_split(hpg, triton.cdiv(Q, 64) * b * nc * g, target=_SPLIT_TARGET)
@@ -844,26 +898,21 @@ def _backward(ctx, dy, dfinal):
     )
     del dstates
 
-    # ---- small (B, H, L)-sized parts in torch: reverse cumsum and the dt chain ----
-    dcs = (dcs_a + dcs_b).view(b, h, nc, Q)
-    dcs[..., Q - 1] += dcs_end_sp.sum(-1) + dcse.view(b, h, nc, Q).sum(-1)
-    # cs_t = sum_{s<=t} a_s  =>  da_s = sum_{t>=s} dcs_t (within the chunk)
-    da = dcs.flip(-1).cumsum(-1).flip(-1).view(b, h, nc * Q)
-    dtp = dt_p.view(b, h, nc * Q)
-    dA = (da * dtp).sum((0, 2)) if ctx.needs_input_grad[2] else None
-    ddt_p = (ddt + da * A.float()[None, :, None])[:, :, :l]                       # (B, H, L)
-    # undo clamp -> softplus -> + dt_bias
-    v = dt_raw.float().permute(0, 2, 1)
-    if dt_bias is not None:
-        v = v + dt_bias.float()[None, :, None]
-    if ctx.dt_limit is not None:
-        lo, hi_ = ctx.dt_limit
-        pre = F.softplus(v) if ctx.dt_softplus else v
-        ddt_p = ddt_p * ((pre >= lo) & (pre <= hi_))
-    if ctx.dt_softplus:
-        ddt_p = ddt_p * torch.where(v > 20.0, torch.ones_like(v), torch.sigmoid(v))
-    ddt_raw = ddt_p.permute(0, 2, 1).to(dt_raw.dtype)
-    ddt_bias = ddt_p.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
+    # ---- the chunk-local reverse cumsum and the dt chain, one kernel per (chunk, head block) ----
+    ddt_raw = torch.empty_like(dt_raw)
+    dA_part = torch.empty(b * nc, h, device=dev, dtype=torch.float32)
+    dbias_part = torch.empty_like(dA_part) if dt_bias is not None else dA_part
+    lo, hi_ = ctx.dt_limit if ctx.dt_limit is not None else (0.0, 0.0)
+    BH = min(_pow2(h, 1), 8 if Q > 128 else 16)
+    _dt_bwd[(nc, b, triton.cdiv(h, BH))](
+        dcs_a, dcs_b, dcse, dcs_end_sp, ddt, dt_p, A, dt_raw, dt_bias if dt_bias is not None else A,
+        ddt_raw, dA_part, dbias_part,
+        l, h, dcs_end_sp.shape[-1], *dt_raw.stride(), *ddt_raw.stride(), lo, hi_,
+        Q=Q, BLOCK_H=BH, BLOCK_E=_pow2(dcs_end_sp.shape[-1], 1),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(ctx.dt_softplus), HAS_LIMIT=ctx.dt_limit is not None,
+    )
+    dA = dA_part.sum(0) if ctx.needs_input_grad[2] else None
+    ddt_bias = dbias_part.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
 
     dB = dB_sp.sum(2).to(ctx.B_dtype)                                             # (B, L, G, N)
     dC = dC_sp.sum(2).to(ctx.C_dtype)
