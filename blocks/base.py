@@ -19,6 +19,7 @@ class Aux:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     scope: str = "block"  # set by the model to the running layer, e.g. "layers.6.sal"
+    step: int | None = None  # the optimizer step being trained (set by the trainer; None elsewhere)
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         self.losses[f"{self.scope}/{name}"] = value

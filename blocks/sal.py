@@ -8,6 +8,7 @@ For each token h_i coming out of the Mamba-2 stack:
   h_i <- (1 - a_i) h_i + a_i o_i  if m_i     Eq. 5, [1 - a_i, a_i] = softmax(s_i)
   h   <- h + SwiGLU(RMSNorm(h))              Eq. 6
   L_constraint = (C - sum_i m_i / L)^2       Eq. 7, per sequence, mean over the batch
+                                             (optionally C scheduled in training: capacity_start)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 from .attention import SelfAttention, validate_heads
 from .base import Block, BlockConfigMixin, avg_causal_context
 from .common import RMSNorm, SwiGLU, init_linear, swiglu_width
-from .config import Config, field
+from .config import Config, ConfigError, field, join_path
 from .registry import register_block
 
 
@@ -55,9 +56,28 @@ class SALConfig(Config, BlockConfigMixin):
         "the top ceil(C*L) tokens of each sequence by p (non-causal: forward only)",
         choices=("threshold", "calibrated", "topk"))
     mlp_mult: float = field(8 / 3, "SwiGLU width = mlp_mult * d_model rounded up to 64", gt=0)
+    capacity_start: Optional[float] = field(
+        None, "capacity curriculum (not in the paper): the budget loss's target starts at this "
+        "share and falls linearly to capacity over capacity_warmup_steps training steps, so the "
+        "attention learns from many queries before the budget tightens; the gate starts at it "
+        "too. Eval, decoding and calibration use capacity (null: no curriculum)",
+        gt=0, le=1, nullable=True)
+    capacity_warmup_steps: int = field(
+        0, "training steps over which the budget target falls from capacity_start to capacity", ge=0)
 
     def validate(self, d_model: int, path: str = "") -> None:
         validate_heads(d_model, self.head_dim, self.n_kv_heads, path)
+        if (self.capacity_start is None) != (self.capacity_warmup_steps == 0):
+            key = "capacity_start" if self.capacity_start is None else "capacity_warmup_steps"
+            raise ConfigError(join_path(path, key), "capacity_start and capacity_warmup_steps "
+                              "go together: set both (a curriculum) or neither")
+
+    def capacity_at(self, step: int | None) -> float:
+        """The budget target at training step `step` (None: not training, the final capacity)."""
+        if self.capacity_start is None or step is None or step >= self.capacity_warmup_steps:
+            return self.capacity
+        t = max(step, 0) / self.capacity_warmup_steps
+        return self.capacity_start + t * (self.capacity - self.capacity_start)
 
     def kv_heads(self, d_model):
         return self.n_kv_heads or d_model // self.head_dim
@@ -109,10 +129,12 @@ class SALBlock(Block):
         # Start with P(select) = C, so the budget loss starts near zero and the first steps do
         # not swing selection to all-or-nothing. The hard sample argmax((s + g) / tau) is
         # argmax(s + g) for any tau, so P(select) = softmax(s)[1] (= a, Eq. 5): s1 - s0 = logit(C).
+        # With a capacity curriculum, the gate starts at the curriculum's first target instead.
         last = self.gate if cfg.gate == "linear" else self.gate[-1]
         logit_c = math.log(cfg.capacity / max(1 - cfg.capacity, 1e-6))
+        start = cfg.capacity_at(0)
         with torch.no_grad():
-            last.bias.copy_(torch.tensor([0.0, logit_c]))
+            last.bias.copy_(torch.tensor([0.0, math.log(start / max(1 - start, 1e-6))]))
         if cfg.inference == "calibrated":
             # Threshold on the gate's logit difference s1 - s0 for inference; updated in every
             # training forward. It starts at the gate bias's s1 - s0, and is saved with the
@@ -189,7 +211,8 @@ class SALBlock(Block):
             h = self.refine(h, o, s, m, selected)
         if aux is not None:
             frac = m.mean(dim=1)  # (B,) selected share per sequence; carries the ST gradient
-            budget = ((self.cfg.capacity - frac) ** 2).mean()
+            target = self.cfg.capacity_at(aux.step if self.training else None)
+            budget = ((target - frac) ** 2).mean()
             aux.add_loss("budget_loss", self.cfg.budget_weight * budget)
             aux.add_metric("budget_loss", budget)
             aux.add_metric("selected_frac", frac.mean())

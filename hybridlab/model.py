@@ -58,13 +58,14 @@ class HybridLM(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                return_logits: bool = True) -> LMOutput:
-        """idx (B, L) token ids; targets (B, L) next tokens, -100 to ignore.
+                return_logits: bool = True, step: int | None = None) -> LMOutput:
+        """idx (B, L) token ids; targets (B, L) next tokens, -100 to ignore; `step`: the training
+        step, passed to the blocks through Aux for step-scheduled settings (None: their end value).
 
         With targets and return_logits=False (training), the head and the loss run chunk by
         chunk and the (B, L, vocab) logits are never materialised (kernels/cross_entropy.py).
         """
-        aux = Aux()
+        aux = Aux(step=step)
         h = self.embed(idx)  # (B, L, d)
         for scope, block in zip(self.scopes, self.layers):
             aux.scope = scope

@@ -237,7 +237,7 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
             inputs, targets = dataset.train_batch(step, cfg.batch_size, cfg.seed)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(inputs, targets, return_logits=False)
+                out = model(inputs, targets, return_logits=False, step=step)
             loss = out.loss
             loss_value = loss.item()
             if not math.isfinite(loss_value):

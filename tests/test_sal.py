@@ -1,9 +1,11 @@
 """The Selective Attention Layer against taipan-spec.md: selection, refinement, budget loss."""
 import pytest
 import torch
-
 from hybridlab.blocks import Aux
-from tests.helpers import D_MODEL, open_sal_gate, tiny_block
+
+from tests.helpers import D_MODEL, TINY, open_sal_gate, tiny_block
+
+TINY_SAL = TINY["sal"]
 
 
 def test_straight_through_gradient_reaches_gate():
@@ -177,3 +179,76 @@ def test_gate_grad_all_reaches_unselected_tokens_with_the_same_forward():
     torch.testing.assert_close(outs[0], outs[1])
     assert (grads[1] < 1e-6).all()  # ...in the paper's mode (no Aux loss here: zero)
     assert (grads[0] > 0).all()  # with gate_grad: all, what selecting them would change
+
+
+def test_capacity_curriculum_schedule():
+    """capacity_start falls linearly to capacity over capacity_warmup_steps, then stays."""
+    from hybridlab.blocks.sal import SALConfig
+
+    cfg = SALConfig.from_dict({**TINY_SAL, "capacity": 0.15, "capacity_start": 0.55,
+                               "capacity_warmup_steps": 100}, D_MODEL)
+    assert cfg.capacity_at(0) == pytest.approx(0.55)
+    assert cfg.capacity_at(50) == pytest.approx(0.35)
+    assert cfg.capacity_at(75) == pytest.approx(0.25)
+    assert cfg.capacity_at(100) == pytest.approx(0.15)
+    assert cfg.capacity_at(10_000) == pytest.approx(0.15)
+    assert cfg.capacity_at(None) == pytest.approx(0.15)  # outside training: the final C
+    plain = SALConfig.from_dict(TINY_SAL, D_MODEL)
+    assert plain.capacity_at(0) == plain.capacity_at(None) == plain.capacity
+
+
+@pytest.mark.parametrize("only", [{"capacity_start": 0.5}, {"capacity_warmup_steps": 10}])
+def test_capacity_curriculum_needs_both_fields(only):
+    from hybridlab.blocks.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        tiny_block("sal", **only)
+
+
+def test_capacity_curriculum_budget_loss_uses_scheduled_target_in_training_only():
+    C, start, warm = 0.15, 0.75, 40
+    block = tiny_block("sal", capacity=C, capacity_start=start, capacity_warmup_steps=warm)
+    m = torch.zeros(2, 20)
+    m[0, :10] = 1  # 0.5 selected
+    m[1, :4] = 1   # 0.2
+    block.select = lambda s: m
+
+    def budget(step, training=True):
+        block.train(training)
+        aux = Aux(scope="s", step=step)
+        with torch.no_grad():
+            block(torch.randn(2, 20, D_MODEL), aux)
+        return aux.metrics["s/budget_loss"].item()
+
+    def eq7(target):
+        return ((target - 0.5) ** 2 + (target - 0.2) ** 2) / 2
+
+    assert budget(0) == pytest.approx(eq7(start))
+    assert budget(10) == pytest.approx(eq7(0.6))   # a quarter of the way from 0.75 to 0.15
+    assert budget(warm) == pytest.approx(eq7(C))
+    assert budget(None) == pytest.approx(eq7(C))
+    assert budget(0, training=False) == pytest.approx(eq7(C))  # eval: always the final C
+
+
+def test_capacity_curriculum_gate_starts_at_capacity_start_and_trainer_passes_step():
+    from hybridlab.graph import parse_arch
+    from hybridlab.model import HybridLM
+
+    block = tiny_block("sal", capacity=0.1, capacity_start=0.6, capacity_warmup_steps=50).train()
+    aux = Aux()
+    with torch.no_grad():
+        block(torch.randn(8, 256, D_MODEL), aux)
+    assert abs(aux.metrics["block/selected_frac"].item() - 0.6) < 0.05
+    # the model hands `step` to the blocks through Aux: a late step sees the final target
+    arch = parse_arch({"name": "t", "d_model": D_MODEL, "vocab_size": 16, "pattern": "S",
+                       "defaults": {"sal": {**TINY_SAL, "capacity": 0.1, "capacity_start": 0.6,
+                                            "capacity_warmup_steps": 50}}})
+    model = HybridLM(arch).train()
+    idx = torch.randint(0, 16, (4, 32))
+    torch.manual_seed(0)
+    early = model(idx, idx, step=0).metrics
+    torch.manual_seed(0)
+    late = model(idx, idx, step=50).metrics
+    frac = early["layers.0.sal/selected_frac"]
+    assert early["layers.0.sal/budget_loss"] != late["layers.0.sal/budget_loss"]
+    assert late["layers.0.sal/selected_frac"] == frac  # same selection, only the target moved
