@@ -83,13 +83,16 @@ class Objective:
         self.runs_dir = space.folder / "runs"
 
     def __call__(self, trial):
+        # Parameters first, then claim (on_start releases the ask lock): a worker killed after
+        # claiming leaves a stale trial with all its parameters, which is then retried as is.
+        params = {p.path: p.suggest(trial) for p in self.space.params}
         if self.on_start:
             self.on_start(trial)
         t0 = time.perf_counter()
         n_obj = len(self.space.objectives)
         run_dir = self.runs_dir / f"trial-{trial.number:04d}"
         try:
-            values, metrics = self._run(trial, run_dir)
+            values, metrics = self._run(trial, run_dir, params)
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
@@ -116,9 +119,8 @@ class Objective:
 
     # ------------------------------------------------------------------ the trial itself
 
-    def _run(self, trial, run_dir: Path):
+    def _run(self, trial, run_dir: Path, values: dict):
         space = self.space
-        values = {p.path: p.suggest(trial) for p in space.params}
         arch, training = space.build(values, name=f"{space.base_dict['name']}-trial-{trial.number}")
         trial.set_user_attr("pattern", arch.pattern())
         trial.set_user_attr("arch_hash", arch.arch_hash())
