@@ -26,13 +26,17 @@ _SLOT_ROWS = 16 if _INTERPRET else 32  # divides every CHUNK of the backward's c
 
 
 @triton.jit
-def _taps(w_ptr, c, cmask, swd, swk, K: tl.constexpr):
-    """Weights on x[t - m], m = 0..3, as four (BLOCK_D,) fp32 vectors (zero for m >= K)."""
+def _taps(w_ptr, b_ptr, c, cmask, swd, swk, K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Weights on x[t - m], m = 0..3, as four (BLOCK_D,) fp32 vectors (zero for m >= K), and the
+    bias (zero without one)."""
     wm0 = tl.load(w_ptr + c * swd + (K - 1) * swk, mask=cmask, other=0.0).to(tl.float32)
     wm1 = tl.load(w_ptr + c * swd + (K - 2) * swk, mask=cmask & (K >= 2), other=0.0).to(tl.float32)
     wm2 = tl.load(w_ptr + c * swd + (K - 3) * swk, mask=cmask & (K >= 3), other=0.0).to(tl.float32)
     wm3 = tl.load(w_ptr + c * swd + (K - 4) * swk, mask=cmask & (K >= 4), other=0.0).to(tl.float32)
-    return wm0, wm1, wm2, wm3
+    bias = tl.zeros_like(wm0)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    return wm0, wm1, wm2, wm3, bias
 
 
 @triton.autotune(
@@ -57,10 +61,7 @@ def _conv_fwd_rows_kernel(
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     pid_b = tl.program_id(2).to(tl.int64)
     cmask = c < D
-    wm0, wm1, wm2, wm3 = _taps(w_ptr, c, cmask, swd, swk, K)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    wm0, wm1, wm2, wm3, bias = _taps(w_ptr, b_ptr, c, cmask, swd, swk, K, HAS_BIAS)
     x_b = x_ptr + pid_b * sxb + c * sxd
     y_b = y_ptr + pid_b * syb + c * syd
     seq_b = seq_ptr + pid_b * ssb
@@ -111,10 +112,7 @@ def _conv_bwd_rows_kernel(
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     pid_b = tl.program_id(2).to(tl.int64)
     cmask = c < D
-    wm0, wm1, wm2, wm3 = _taps(w_ptr, c, cmask, swd, swk, K)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    wm0, wm1, wm2, wm3, bias = _taps(w_ptr, b_ptr, c, cmask, swd, swk, K, HAS_BIAS)
     x_b = x_ptr + pid_b * sxb + c * sxd
     dy_b = dy_ptr + pid_b * sdyb + c * sdyd
     dx_b = dx_ptr + pid_b * sdxb + c * sdxd
