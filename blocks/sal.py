@@ -64,6 +64,9 @@ class SALConfig(Config, BlockConfigMixin):
         gt=0, le=1, nullable=True)
     capacity_warmup_steps: int = field(
         0, "training steps over which the budget target falls from capacity_start to capacity", ge=0)
+    capacity_hold_steps: int = field(
+        0, "training steps the budget target stays at capacity_start before it starts to fall "
+        "(a curriculum's hold phase: the attention learns at a high share first)", ge=0)
 
     def validate(self, d_model: int, path: str = "") -> None:
         validate_heads(d_model, self.head_dim, self.n_kv_heads, path)
@@ -71,12 +74,18 @@ class SALConfig(Config, BlockConfigMixin):
             key = "capacity_start" if self.capacity_start is None else "capacity_warmup_steps"
             raise ConfigError(join_path(path, key), "capacity_start and capacity_warmup_steps "
                               "go together: set both (a curriculum) or neither")
+        if self.capacity_hold_steps and self.capacity_start is None:
+            raise ConfigError(join_path(path, "capacity_hold_steps"), "a hold phase needs a "
+                              "curriculum: set capacity_start and capacity_warmup_steps too")
 
     def capacity_at(self, step: int | None) -> float:
         """The budget target at training step `step` (None: not training, the final capacity)."""
-        if self.capacity_start is None or step is None or step >= self.capacity_warmup_steps:
+        if self.capacity_start is None or step is None:
             return self.capacity
-        t = max(step, 0) / self.capacity_warmup_steps
+        t = (step - self.capacity_hold_steps) / self.capacity_warmup_steps
+        if t >= 1:
+            return self.capacity
+        t = max(t, 0.0)
         return self.capacity_start + t * (self.capacity - self.capacity_start)
 
     def kv_heads(self, d_model):

@@ -195,9 +195,15 @@ def test_capacity_curriculum_schedule():
     assert cfg.capacity_at(None) == pytest.approx(0.15)  # outside training: the final C
     plain = SALConfig.from_dict(TINY_SAL, D_MODEL)
     assert plain.capacity_at(0) == plain.capacity_at(None) == plain.capacity
+    held = SALConfig.from_dict({**TINY_SAL, "capacity": 0.15, "capacity_start": 0.55,
+                                "capacity_warmup_steps": 100, "capacity_hold_steps": 40}, D_MODEL)
+    assert held.capacity_at(0) == held.capacity_at(40) == pytest.approx(0.55)
+    assert held.capacity_at(90) == pytest.approx(0.35)  # halfway down, 40 steps later
+    assert held.capacity_at(140) == held.capacity_at(None) == pytest.approx(0.15)
 
 
-@pytest.mark.parametrize("only", [{"capacity_start": 0.5}, {"capacity_warmup_steps": 10}])
+@pytest.mark.parametrize("only", [{"capacity_start": 0.5}, {"capacity_warmup_steps": 10},
+                                  {"capacity_hold_steps": 10}])
 def test_capacity_curriculum_needs_both_fields(only):
     from hybridlab.blocks.config import ConfigError
 
