@@ -118,8 +118,9 @@ def _dt_cumsum_fwd(
     configs=_configs(
         [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
          for bp, bn, bk, w, s in [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (32, 128, 64, 4, 3),
-                                  (64, 128, 64, 8, 3), (64, 128, 128, 8, 2), (64, 64, 128, 4, 2)]],
-        triton.Config({"BLOCK_P": 32, "BLOCK_N": 32, "BLOCK_K": 32}),
+                                  (64, 128, 64, 8, 3), (64, 128, 128, 8, 2), (64, 64, 128, 4, 2),
+                                  (64, 128, 128, 4, 2), (64, 128, 32, 4, 4)]],
+        triton.Config({"BLOCK_P": 16, "BLOCK_N": 32, "BLOCK_K": 32}),  # P < N: the x-scaling path
     ),
     key=["P", "N", "Q", "READOUT"],
 )
@@ -179,8 +180,14 @@ def _chunk_state_fwd(
                 sq = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_k, mask=kmask, other=0)
                 w = tl.where(sq == seq_end, w, 0.0)
         w = tl.where(kmask, w, 0.0)
-        yw = (yk.to(tl.float32) * w[:, None]).to(yk.dtype)
-        acc += _dot(xt, yw, F32)
+        # The weight w_s scales one operand: the narrower tile, so fewer multiplies (x's
+        # (P, K) tile when the state is wider than the head, P < N, as in Mamba-2).
+        if BLOCK_P < BLOCK_N:
+            xw = (xt.to(tl.float32) * w[None, :]).to(xt.dtype)
+            acc += _dot(xw, yk, F32)
+        else:
+            yw = (yk.to(tl.float32) * w[:, None]).to(yk.dtype)
+            acc += _dot(xt, yw, F32)
     out = out_ptr + (pid_bc.to(tl.int64) * H + h) * P * N
     tl.store(out + offs_p[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
@@ -303,10 +310,12 @@ def _bmm_chunk_fwd(
 # --------------------------------------------------------------------------------------------
 @triton.autotune(
     configs=_configs(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_P": bp}, num_warps=w, num_stages=s)
-         for bm, bk, bp, w, s in [(64, 64, 64, 4, 2), (64, 32, 64, 4, 3), (128, 64, 64, 8, 2),
-                                  (64, 64, 64, 4, 3), (128, 64, 64, 4, 2), (64, 64, 32, 4, 2), (128, 32, 64, 8, 3)]],
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_P": 32}),
+        [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_P": bp, "N_SPLIT": ns}, num_warps=w, num_stages=s)
+         for bm, bk, bp, ns, w, s in [
+             (64, 64, 64, 1, 4, 2), (64, 32, 64, 1, 4, 3), (128, 64, 64, 1, 8, 2), (64, 64, 64, 1, 4, 3),
+             (128, 64, 64, 1, 4, 2), (64, 64, 32, 1, 4, 2), (128, 32, 64, 1, 8, 3),
+             (64, 64, 64, 2, 4, 2), (64, 64, 64, 2, 4, 3), (128, 64, 64, 2, 8, 2), (64, 32, 64, 2, 4, 3)]],
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_P": 32, "N_SPLIT": 2}),
     ),
     key=["P", "N", "Q"],
 )
@@ -319,7 +328,7 @@ def _chunk_scan_fwd(
     stride_seq_b,
     Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, N_SPLIT: tl.constexpr,
 ):
     # grid (cdiv(Q, BLOCK_M) * cdiv(P, BLOCK_P) * H, batch * n_chunks): rows t of y (BLOCK_M, BLOCK_P).
     # Heads vary fastest: the heads of a group read the same CB and C tiles, which stay in L2.
@@ -335,31 +344,37 @@ def _chunk_scan_fwd(
     pid_m = pid_mp // n_pblk
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = (pid_mp % n_pblk) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     t0 = c * Q
     chunk_len = tl.minimum(Q, L - t0)
     mmask = offs_m < chunk_len
     pmask = offs_p < P
-    nmask = offs_n < N
     row = (b * H + h) * (nc * Q) + t0
     x_base = x_ptr + b * stride_x_b + h * stride_x_h + t0 * stride_x_l
     C_base = C_ptr + b * stride_bc_b + g * stride_bc_g + t0 * stride_bc_l
     cb_base = cb_ptr + ((pid_bc.to(tl.int64) * (H // HPG) + g) * Q) * Q
 
     cs_m = tl.load(cs_ptr + row + offs_m, mask=mmask, other=0.0)
-    Cm = tl.load(C_base + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                 mask=mmask[:, None] & nmask[None, :], other=0.0)                 # (BLOCK_M, BLOCK_N)
     if HAS_SEQ:
         seq_m = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_m, mask=mmask, other=-1)
         seq_in = tl.load(seq_ptr + b * stride_seq_b + tl.maximum(t0 - 1, 0))
 
-    # Off-diagonal block: exp(cs_t) C_t . S_{c-1}   (prev state read as (N, P))
-    prevT = tl.load(prev_ptr + (pid_bc.to(tl.int64) * H + h) * P * N + offs_p[None, :] * N + offs_n[:, None],
-                    mask=nmask[:, None] & pmask[None, :], other=0.0)
+    # Off-diagonal block: exp(cs_t) C_t . S_{c-1}   (prev state read as (N, P)), over N in
+    # N_SPLIT slices: fewer live registers than whole (BLOCK_M, N) and (N, BLOCK_P) tiles.
+    BLOCK_KN: tl.constexpr = BLOCK_N // N_SPLIT
+    prev_base = prev_ptr + (pid_bc.to(tl.int64) * H + h) * P * N
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for n0 in tl.static_range(0, BLOCK_N, BLOCK_KN):
+        offs_n = n0 + tl.arange(0, BLOCK_KN)
+        nmask = offs_n < N
+        Cm = tl.load(C_base + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
+                     mask=mmask[:, None] & nmask[None, :], other=0.0)             # (BLOCK_M, BLOCK_KN)
+        prevT = tl.load(prev_base + offs_p[None, :] * N + offs_n[:, None],
+                        mask=nmask[:, None] & pmask[None, :], other=0.0)          # (BLOCK_KN, BLOCK_P)
+        acc += _dot(Cm, prevT.to(Cm.dtype), F32)
     scale = tl.exp(cs_m)
     if HAS_SEQ:
         scale = tl.where(seq_m == seq_in, scale, 0.0)
-    acc = _dot(Cm, prevT.to(Cm.dtype), F32) * scale[:, None]                      # (BLOCK_M, BLOCK_P)
+    acc = acc * scale[:, None]                                                    # (BLOCK_M, BLOCK_P)
 
     # Diagonal block: sum_{s<=t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s, only s-blocks up to the diagonal.
     hi = tl.minimum(chunk_len, (pid_m + 1) * BLOCK_M)
@@ -819,7 +834,7 @@ def _forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_st
         x, cb, C, dt_p, cs, seq, prev, D if D is not None else x, z if z is not None else x, y,
         ypre if ypre is not None else y,
         l, h, p, n, h // g, *x.stride(), *B.stride(), stride_seq,
-        Q=Q, BLOCK_N=_pow2(n), HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
+        Q=Q, BLOCK_N=_pow2(n, 32), HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
         HAS_Z=z is not None, F32=F32,
     )
     return y, final, dt_p, cs, prev, ypre

@@ -4,7 +4,7 @@ selective attention at the issue shapes, plus A/B timings of kernel variants.
     source scripts/gpu_env.sh; cd /tmp; python -P $ROOT/scripts/gpu_profile.py [--old PATH] [--decode]
 
 `--old PATH` times another copy of ssd_triton.py (e.g. the previous commit's) beside the current
-one in the same process; `--decode` also times CUDA-graph decoding of the 190M models.
+one in the same process, `--old-attn PATH` the same for selective_attention_triton.py; `--decode` also times CUDA-graph decoding of the 190M models.
 """
 from __future__ import annotations
 
@@ -96,26 +96,47 @@ def ssd_section(old_path):
         kernel_table(fwdbwd(mods["old"]), "SSD fwd+bwd kernels (old)")
 
 
-def attention_section():
+def attention_section(old_path=None):
+    """C = 0.15 at the issue shape: ours (and `old_path`'s copy of the kernels, A/B in one
+    process) beside flex_attention's sliding window, all measured here."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     from hybridlab.benchmarks.attention import _selection
     from hybridlab.kernels import selective_attention_triton as sat
 
     b, L, H, d, w = 4, 16384, 12, 64, 2048
     q, k, v = (torch.randn(b, L, H, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
+    mods = {"new": sat}
+    if old_path and os.path.exists(old_path):
+        mods["old"] = load_module(old_path, "sat_old")
+    flex = torch.compile(flex_attention, dynamic=False)
+    bm = create_block_mask(lambda b_, h_, qi, ki: (qi >= ki) & (qi - ki < w), None, None, L, L, device="cuda")
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    dot = do.transpose(1, 2).contiguous()
+    flex_f = bench(lambda: flex(qt, kt, vt, block_mask=bm))
+    flex_fb = bench(lambda: torch.autograd.grad(flex(qt, kt, vt, block_mask=bm), (qt, kt, vt), dot))
+    print(f"\nflex_attention window {w}: fwd {flex_f:.3f} ms, fwd+bwd {flex_fb:.3f} ms")
     for cap in (0.15,):
         mask = _selection(b, L, cap, "cuda")
+        outs = {}
+        for name, m in mods.items():
+            def fwd(m=m):
+                return m.selective_attention(q, k, v, q_mask=mask, window=w)
 
-        def fwd():
-            return sat.selective_attention(q, k, v, q_mask=mask, window=w)
+            def fwdbwd(fwd=fwd):
+                return torch.autograd.grad(fwd(), (q, k, v), do)
 
-        def fwdbwd():
-            torch.autograd.grad(fwd(), (q, k, v), do)
-
-        print(f"\nselective attention B{b} L{L} H{H} D{d} w{w} C{cap}: fwd {bench(fwd):.3f} ms, "
-              f"fwd+bwd {bench(fwdbwd):.3f} ms")
-        kernel_table(fwd, "  attention fwd kernels")
-        kernel_table(fwdbwd, "  attention fwd+bwd kernels")
+            outs[name] = (fwd().float(), *(g.float() for g in fwdbwd()))
+            f_ms, fb_ms = bench(fwd), bench(fwdbwd)
+            print(f"selective attention [{name}] B{b} L{L} H{H} D{d} w{w} C{cap}: fwd {f_ms:.3f} ms "
+                  f"({flex_f / f_ms:.2f}x flex), fwd+bwd {fb_ms:.3f} ms ({flex_fb / fb_ms:.2f}x flex)")
+            if name == "new":
+                kernel_table(fwd, "  attention fwd kernels")
+                kernel_table(fwdbwd, "  attention fwd+bwd kernels")
+        if "old" in outs:
+            errs = [((a - b_).norm() / b_.norm()).item() for a, b_ in zip(outs["new"], outs["old"])]
+            print("  new vs old rel diff (o, dq, dk, dv):", " ".join(f"{e:.2e}" for e in errs))
 
 
 def block_section():
@@ -256,11 +277,12 @@ def decode_section():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--old")
+    ap.add_argument("--old", help="another copy of ssd_triton.py to A/B against")
+    ap.add_argument("--old-attn", help="another copy of selective_attention_triton.py to A/B against")
     ap.add_argument("--sections", default="ssd,attention,conv,ce,block,train,decode")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    sections = {"ssd": lambda: ssd_section(args.old), "attention": attention_section,
+    sections = {"ssd": lambda: ssd_section(args.old), "attention": lambda: attention_section(args.old_attn),
                 "conv": conv_section, "ce": ce_section, "block": block_section, "train": train_section,
                 "decode": decode_section}
     for s in args.sections.split(","):
