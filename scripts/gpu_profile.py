@@ -90,6 +90,9 @@ def ssd_section(old_path):
         f_ms = bench(fwd(m))
         fb_ms = bench(fwdbwd(m))
         print(f"  {name}: fwd {f_ms:.3f} ms, fwd+bwd {fb_ms:.3f} ms")
+    for kname in ("_chunk_state_fwd", "_chunk_scan_fwd", "_bwd_dx_db", "_bwd_dc"):
+        cfg = getattr(getattr(new, kname), "best_config", None)
+        print(f"  autotuned {kname}: {cfg}")
     kernel_table(fwd(new), "SSD fwd kernels (new)")
     kernel_table(fwdbwd(new), "SSD fwd+bwd kernels (new)")
     if "old" in mods:
