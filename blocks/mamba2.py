@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 from hybridlab.kernels import causal_conv1d, causal_conv1d_update, gated_rms_norm, ssd_chunked, ssd_step
 
 from .base import Block, BlockConfigMixin
-from .common import RMSNorm
+from .common import RMSNorm, init_linear
 from .config import Config, ConfigError, field, join_path
 from .registry import register_block
 
@@ -34,6 +35,11 @@ class Mamba2Config(Config, BlockConfigMixin):
     norm_before_gate: bool = field(False, "gated norm as norm(x)*silu(z) instead of norm(x*silu(z))")
     conv_bias: bool = field(True, "bias in the causal conv")
     bias: bool = field(False, "bias in in/out projections")
+    out_init_std: Optional[float] = field(
+        None, "out_proj init: null keeps mamba_ssm's (Linear default / sqrt(n_layers)); a number "
+        "draws N(0, (std / sqrt(2 n_layers))^2), the GPT-2 init of the other blocks' residual "
+        "outputs. At toy widths mamba_ssm's init makes each block's output ~10x the 0.02-std "
+        "embedding, burying token identity in the residual stream", gt=0, nullable=True)
 
     def d_inner(self, d_model: int) -> int:
         return self.expand * d_model
@@ -109,9 +115,12 @@ class Mamba2Block(Block):
             p._no_weight_decay = True
         self.norm_gated = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.bias)
-        # GPT-2 style: shrink the residual branch's output by the depth.
-        with torch.no_grad():
-            self.out_proj.weight.div_(math.sqrt(n_layers))
+        # Shrink the residual branch's output by the depth (mamba_ssm), or GPT-2's init.
+        if cfg.out_init_std is None:
+            with torch.no_grad():
+                self.out_proj.weight.div_(math.sqrt(n_layers))
+        else:
+            init_linear(self.out_proj, cfg.out_init_std / math.sqrt(2 * n_layers))
 
     def _ssd_inputs(self, xBC):
         x, B, C = torch.split(xBC, self.xbc_split, dim=-1)

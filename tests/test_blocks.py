@@ -109,3 +109,18 @@ def test_full_attention_cache_overflow_is_an_error():
         block.step(torch.randn(1, D_MODEL), cache)
         with pytest.raises(RuntimeError, match="cache of 3 tokens is full"):
             block.step(torch.randn(1, D_MODEL), cache)
+
+
+def test_mamba2_out_init_std_gives_gpt2_init_of_the_residual_output():
+    import math
+
+    torch.manual_seed(0)
+    default = tiny_block("mamba2", n_layers=8)
+    gpt2 = tiny_block("mamba2", n_layers=8, out_init_std=0.02)
+    # mamba_ssm's: Linear's default (std 1 / sqrt(3 fan_in)) shrunk by sqrt(n_layers)
+    fan_in = default.out_proj.weight.shape[1]
+    assert default.out_proj.weight.std().item() == pytest.approx(1 / math.sqrt(3 * fan_in) / math.sqrt(8), rel=0.1)
+    assert gpt2.out_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
+    from hybridlab.blocks.config import ConfigError
+    with pytest.raises(ConfigError):
+        tiny_block("mamba2", out_init_std=0.0)
