@@ -10,34 +10,42 @@ import torch.nn.functional as F
 
 
 def _loss_and_hits(logits, targets):
-    """Summed CE and correct argmax over positions with a target (targets != -100)."""
+    """Summed CE and correct argmax over positions with a target (targets != -100), and the
+    same for each sequence's first target only: (ce, hits, count, first hits, first count)."""
     mask = targets != -100
     flat_logits = logits.float().flatten(0, 1)
     ce = F.cross_entropy(flat_logits, targets.flatten(), ignore_index=-100, reduction="sum")
-    hits = ((logits.argmax(-1) == targets) & mask).sum()
-    return ce.item(), hits.item(), mask.sum().item()
+    correct = (logits.argmax(-1) == targets) & mask
+    has = mask.any(dim=1)
+    first = mask.int().argmax(dim=1)  # (B,) first target position (0 where none: masked by `has`)
+    first_hits = (correct.gather(1, first[:, None])[:, 0] & has).sum()
+    return ce.item(), correct.sum().item(), mask.sum().item(), first_hits.item(), has.sum().item()
 
 
 @torch.no_grad()
 def group_metrics(model, batches, device, amp=None) -> dict:
-    """loss/acc over the answer positions, and `selected`: each SAL's share of tokens selected
-    by its inference rule ({"layers.6.sal": share}, averaged over sequences)."""
-    loss, hits, count, rows = 0.0, 0, 0, 0
+    """loss/acc over the answer positions; acc_first over each sequence's first answer only
+    (in recall tasks that query every key once, later answers can be had by elimination, as
+    the one value not yet asked for; the first cannot: chance there is 1 / pairs); and
+    `selected`: each SAL's share of tokens selected by its inference rule ({"layers.6.sal":
+    share}, averaged over sequences)."""
+    loss, hits, count, rows, first_hits, firsts = 0.0, 0, 0, 0, 0, 0
     selected: dict[str, float] = {}
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(inputs)
-        l, h, c = _loss_and_hits(out.logits, targets)
+        l, h, c, fh, fc = _loss_and_hits(out.logits, targets)
         loss, hits, count = loss + l, hits + h, count + c
+        first_hits, firsts = first_hits + fh, firsts + fc
         rows += inputs.shape[0]
         for key, value in out.metrics.items():
             if key.endswith("/selected_frac"):
                 scope = key[: -len("/selected_frac")]
                 selected[scope] = selected.get(scope, 0.0) + value.item() * inputs.shape[0]
     count, rows = max(count, 1), max(rows, 1)
-    return {"loss": loss / count, "acc": hits / count, "tokens": count,
-            "selected": {k: v / rows for k, v in selected.items()}}
+    return {"loss": loss / count, "acc": hits / count, "acc_first": first_hits / max(firsts, 1),
+            "tokens": count, "selected": {k: v / rows for k, v in selected.items()}}
 
 
 @torch.no_grad()
@@ -56,11 +64,14 @@ def validation_metrics(model, dataset, batch_size: int, max_batches: int, device
     if main["selected"]:
         out["val/selected_frac"] = sum(main["selected"].values()) / len(main["selected"])
     if dataset.kind == "task":
-        accs = {}
+        accs, firsts = {}, {}
         for name, make in dataset.eval_groups().items():
-            accs[name] = group_metrics(model, make(batch_size, max_batches), device, amp)["acc"]
+            g = group_metrics(model, make(batch_size, max_batches), device, amp)
+            accs[name], firsts[name] = g["acc"], g["acc_first"]
             out[f"val/acc/{name}"] = accs[name]
+            out[f"val/acc_first/{name}"] = firsts[name]
         out["val/acc"] = sum(accs.values()) / max(len(accs), 1)
+        out["val/acc_first"] = sum(firsts.values()) / max(len(firsts), 1)
     model.train(was_training)
     return out
 
@@ -241,7 +252,9 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
             print(f"  selected share {key[7:-19]:<14} {value:.3f}")
     for key, value in val.items():
         if key.startswith("val/acc/"):
-            print(f"  recall accuracy {key[8:]:<14} {value:.3f}")
+            first = val.get("val/acc_first/" + key[8:])
+            tail = f"  (first answer of each sequence: {first:.3f})" if first is not None else ""
+            print(f"  recall accuracy {key[8:]:<14} {value:.3f}{tail}")
 
     factors = tuple(f for f in (1, 2, 4, 8, 16, 32, 64) if f <= max_factor)
     curve = perplexity_vs_context(model, dataset, train_len, factors, device=dev, amp=amp,

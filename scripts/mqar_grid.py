@@ -266,14 +266,16 @@ def table(rows: list[dict]) -> str:
     kv = sorted({k for r in rows for k in r.get("eval", {}) if k.startswith("val/acc/")},
                 key=lambda k: (k.rsplit("=", 1)[0], int(k.rsplit("=", 1)[1]) if k.rsplit("=", 1)[1].isdigit() else 0))
     head = ["setting", "variant", "status", "params", "steps", "wall s", "step/s", "eval@", "val/acc",
-            *[k[len("val/acc/"):] for k in kv], "val share", "train share", "val/loss", "best acc (step, share)"]
+            *[k[len("val/acc/"):] for k in kv], "first answer", "val share", "train share", "val/loss",
+            "best acc (step, share)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         e, b = r.get("eval", {}), r.get("best")
         best = f"{b['val/acc']:.3f} ({b['step']}, {fmt(b['val/selected_frac'], 2)})" if b else "-"
         cells = [r["setting"], r["variant"], r["status"], fmt(r["params"]), f"{r['steps']}/{r['steps_total']}",
                  fmt(r["wall_s"], 0), fmt(r.get("steps_per_s"), 1), fmt(r.get("eval_step")),
-                 fmt(e.get("val/acc")), *[fmt(e.get(k)) for k in kv], fmt(e.get("val/selected_frac")),
+                 fmt(e.get("val/acc")), *[fmt(e.get(k)) for k in kv], fmt(e.get("val/acc_first")),
+                 fmt(e.get("val/selected_frac")),
                  fmt(r.get("train_share")), fmt(e.get("val/loss")), best]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -70,3 +70,22 @@ def test_mamba2_block_benchmark_runs_at_tiny_shape():
 
     (row,) = run(batch=1, seq_len=40, d_model=32, d_state=8, headdim=8, chunk=16, device="cpu")
     assert row["block_fwd_bwd_ms"] > 0 and row["scan_fwd_bwd_ms"] > 0
+
+
+def test_first_answer_accuracy_counts_each_sequences_first_target_only():
+    import torch
+
+    from hybridlab.evaluate import _loss_and_hits
+
+    V = 5
+    targets = torch.full((3, 6), -100)
+    targets[0, [1, 4]] = torch.tensor([2, 3])
+    targets[1, [0, 2, 5]] = torch.tensor([1, 1, 4])
+    # row 2: no target at all
+    pred = torch.zeros(3, 6, dtype=torch.long)
+    pred[0, 1], pred[0, 4] = 0, 3          # first wrong, second right
+    pred[1, 0], pred[1, 2], pred[1, 5] = 1, 0, 4  # first right
+    logits = torch.nn.functional.one_hot(pred, V).float() * 10
+    _, hits, count, first_hits, firsts = _loss_and_hits(logits, targets)
+    assert (hits, count) == (3, 5)
+    assert (first_hits, firsts) == (1, 2)
