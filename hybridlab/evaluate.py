@@ -48,6 +48,23 @@ def group_metrics(model, batches, device, amp=None) -> dict:
             "tokens": count, "selected": {k: v / rows for k, v in selected.items()}}
 
 
+class sals_off:
+    """Within this context every SAL of `model` selects no token at inference (its attention
+    does nothing): the accuracy it leaves shows how much the model relies on its SALs."""
+
+    def __init__(self, model):
+        self.sals = [m for m in model.modules() if type(m).__name__ == "SALBlock"]
+
+    def __enter__(self):
+        for sal in self.sals:
+            sal.infer_select = lambda s: torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
+        return self
+
+    def __exit__(self, *exc):
+        for sal in self.sals:
+            del sal.infer_select  # back to the class's method
+
+
 @torch.no_grad()
 def validation_metrics(model, dataset, batch_size: int, max_batches: int, device, amp=None) -> dict:
     """val/loss and val/ppl on the held-out set; for synthetic tasks also accuracy on the
@@ -72,6 +89,10 @@ def validation_metrics(model, dataset, batch_size: int, max_batches: int, device
             out[f"val/acc_first/{name}"] = firsts[name]
         out["val/acc"] = sum(accs.values()) / max(len(accs), 1)
         out["val/acc_first"] = sum(firsts.values()) / max(len(firsts), 1)
+        with sals_off(model) as off:
+            if off.sals:  # the held-out set again with every SAL selecting nothing
+                g = group_metrics(model, dataset.eval_batches(batch_size, max_batches), device, amp)
+                out["val/acc_sal_off"] = g["acc"]
     model.train(was_training)
     return out
 
@@ -255,6 +276,9 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
             first = val.get("val/acc_first/" + key[8:])
             tail = f"  (first answer of each sequence: {first:.3f})" if first is not None else ""
             print(f"  recall accuracy {key[8:]:<14} {value:.3f}{tail}")
+    if "val/acc_sal_off" in val:
+        print(f"  recall accuracy with every SAL selecting nothing: {val['val/acc_sal_off']:.3f} "
+              f"(held-out set at the training difficulty)")
 
     factors = tuple(f for f in (1, 2, 4, 8, 16, 32, 64) if f <= max_factor)
     curve = perplexity_vs_context(model, dataset, train_len, factors, device=dev, amp=amp,

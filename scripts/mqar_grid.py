@@ -24,7 +24,7 @@ is still reported, marked "cut". Results: OUT/summary.json, OUT/summary.md, stdo
 OUT/results.tgz (suites, logs, metrics.jsonl; no checkpoints) to copy off a machine that returns
 only a few files.
 
-There is no "SAL off" evaluation in hybridlab, so the table has no such column.
+"SAL off" is val/acc_sal_off: the held-out accuracy with every SAL selecting nothing.
 """
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def table(rows: list[dict]) -> str:
     kv = sorted({k for r in rows for k in r.get("eval", {}) if k.startswith("val/acc/")},
                 key=lambda k: (k.rsplit("=", 1)[0], int(k.rsplit("=", 1)[1]) if k.rsplit("=", 1)[1].isdigit() else 0))
     head = ["setting", "variant", "status", "params", "steps", "wall s", "step/s", "eval@", "val/acc",
-            *[k[len("val/acc/"):] for k in kv], "first answer", "val share", "train share", "val/loss",
+            *[k[len("val/acc/"):] for k in kv], "first answer", "SAL off", "val share", "train share", "val/loss",
             "best acc (step, share)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -275,6 +275,7 @@ def table(rows: list[dict]) -> str:
         cells = [r["setting"], r["variant"], r["status"], fmt(r["params"]), f"{r['steps']}/{r['steps_total']}",
                  fmt(r["wall_s"], 0), fmt(r.get("steps_per_s"), 1), fmt(r.get("eval_step")),
                  fmt(e.get("val/acc")), *[fmt(e.get(k)) for k in kv], fmt(e.get("val/acc_first")),
+                 fmt(e.get("val/acc_sal_off")),
                  fmt(e.get("val/selected_frac")),
                  fmt(r.get("train_share")), fmt(e.get("val/loss")), best]
         lines.append("| " + " | ".join(cells) + " |")

@@ -89,3 +89,31 @@ def test_first_answer_accuracy_counts_each_sequences_first_target_only():
     _, hits, count, first_hits, firsts = _loss_and_hits(logits, targets)
     assert (hits, count) == (3, 5)
     assert (first_hits, firsts) == (1, 2)
+
+
+def test_sal_off_accuracy_is_the_model_with_no_token_selected():
+    from hybridlab.data import make_dataset
+    from hybridlab.evaluate import group_metrics, sals_off, validation_metrics
+    from hybridlab.graph import parse_arch
+    from hybridlab.model import HybridLM
+    from tests.helpers import D_MODEL
+
+    torch.manual_seed(0)
+    arch = parse_arch({"name": "t", "d_model": D_MODEL, "vocab_size": 32, "pattern": "M S",
+                       "defaults": {"mamba2": {"d_state": 8, "headdim": 16, "chunk_size": 16},
+                                    "sal": {"head_dim": 16, "window": 16, "capacity": 0.5}}})
+    model = HybridLM(arch)
+    sal = model.layers[1]
+    with torch.no_grad():  # a gate that selects every token, an attention that matters
+        sal.gate.bias.copy_(torch.tensor([-10.0, 10.0]))
+        sal.attn.wo.weight.normal_(0, 1.0)
+    ds = make_dataset({"task": "mqar", "num_kv_pairs": 2, "vocab_size": 32, "eval_examples": 32}, 16)
+    val = validation_metrics(model, ds, 8, 2, torch.device("cpu"))
+    assert "val/acc_sal_off" in val and val["blocks/layers.1.sal/eval_selected_frac"] == 1.0
+    with torch.no_grad():  # the same model with the gate forced shut gives the same accuracy
+        sal.gate.bias.copy_(torch.tensor([10.0, -10.0]))
+    shut = group_metrics(model, ds.eval_batches(8, 2), torch.device("cpu"))
+    assert val["val/acc_sal_off"] == pytest.approx(shut["acc"])
+    assert "infer_select" not in sal.__dict__  # the class's method again
+    with sals_off(model) as off:
+        assert off.sals == [sal]
