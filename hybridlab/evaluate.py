@@ -53,7 +53,9 @@ class sals_off:
     does nothing): the accuracy it leaves shows how much the model relies on its SALs."""
 
     def __init__(self, model):
-        self.sals = [m for m in model.modules() if type(m).__name__ == "SALBlock"]
+        from .blocks.sal import SALBlock
+
+        self.sals = [m for m in model.modules() if isinstance(m, SALBlock)]
 
     def __enter__(self):
         for sal in self.sals:

@@ -40,17 +40,12 @@ from pathlib import Path
 
 import yaml
 
+from hybridlab.suite import _merge  # the suites' own deep merge: grids layer settings the same way
+
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
 GRACE_S = 15.0        # SIGINT -> SIGKILL: a checkpoint of a tiny model takes well under a second
 HEARTBEAT_S = 60.0    # how often to print the running jobs' last logged step
-
-
-def _merge(base: dict, patch: dict) -> dict:
-    out = dict(base)
-    for k, v in (patch or {}).items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_jobs(grid_path: Path, out: Path, device: str) -> list[dict]:
