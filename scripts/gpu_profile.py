@@ -4,7 +4,7 @@ selective attention at the issue shapes, plus A/B timings of kernel variants.
     source scripts/gpu_env.sh; cd /tmp; python -P $ROOT/scripts/gpu_profile.py [--old PATH] [--decode]
 
 `--old PATH` times another copy of ssd_triton.py (e.g. the previous commit's) beside the current
-one in the same process, `--old-attn PATH` the same for selective_attention_triton.py; `--decode` also times CUDA-graph decoding of the 190M models.
+one in the same process, `--attn NAME=PATH` (repeatable) the same for selective_attention_triton.py; `--decode` also times CUDA-graph decoding of the 190M models.
 """
 from __future__ import annotations
 
@@ -99,9 +99,23 @@ def ssd_section(old_path):
         kernel_table(fwdbwd(mods["old"]), "SSD fwd+bwd kernels (old)")
 
 
-def attention_section(old_path=None):
-    """C = 0.15 at the issue shape: ours (and `old_path`'s copy of the kernels, A/B in one
-    process) beside flex_attention's sliding window, all measured here."""
+def _autotune_report(mod, names=("_sel_attn_fwd", "_sel_attn_bwd_dq", "_sel_attn_bwd_dkdv")):
+    """Each autotuned kernel's timing of every config it tried (Autotuner.configs_timings, the
+    last tuning key), best first."""
+    for kname in names:
+        tuner = getattr(mod, kname)
+        timings = getattr(tuner, "configs_timings", None) or {}
+        print(f"  {kname}: best {getattr(tuner, 'best_config', None)}")
+        for cfg, t in sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], (list, tuple)) else kv[1]):
+            t0 = t[0] if isinstance(t, (list, tuple)) else t
+            kw = cfg.kwargs
+            print(f"      {kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} w{cfg.num_warps} s{cfg.num_stages}: {t0:.4f} ms")
+
+
+def attention_section(variants=None):
+    """C = 0.15 at the issue shape: ours (and other copies of the kernels module, A/B in one
+    process: `variants` maps a name to a path) beside flex_attention's sliding window, all
+    measured here; each variant's autotuner timings of every config."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from hybridlab.benchmarks.attention import _selection
@@ -111,35 +125,44 @@ def attention_section(old_path=None):
     q, k, v = (torch.randn(b, L, H, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
     mods = {"new": sat}
-    if old_path and os.path.exists(old_path):
-        mods["old"] = load_module(old_path, "sat_old")
+    for name, path in (variants or {}).items():
+        if os.path.exists(path):
+            mods[name] = load_module(path, f"sat_{name}")
     flex = torch.compile(flex_attention, dynamic=False)
     bm = create_block_mask(lambda b_, h_, qi, ki: (qi >= ki) & (qi - ki < w), None, None, L, L, device="cuda")
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     dot = do.transpose(1, 2).contiguous()
     flex_f = bench(lambda: flex(qt, kt, vt, block_mask=bm))
     flex_fb = bench(lambda: torch.autograd.grad(flex(qt, kt, vt, block_mask=bm), (qt, kt, vt), dot))
-    print(f"\nflex_attention window {w}: fwd {flex_f:.3f} ms, fwd+bwd {flex_fb:.3f} ms")
-    for cap in (0.15,):
-        mask = _selection(b, L, cap, "cuda")
-        outs = {}
-        for name, m in mods.items():
-            def fwd(m=m):
-                return m.selective_attention(q, k, v, q_mask=mask, window=w)
+    print(f"\nflex_attention window {w}: fwd {flex_f:.3f} ms, fwd+bwd {flex_fb:.3f} ms", flush=True)
+    mask = _selection(b, L, 0.15, "cuda")
+    outs = {}
+    for name, m in mods.items():
+        def fwd(m=m):
+            return m.selective_attention(q, k, v, q_mask=mask, window=w)
 
-            def fwdbwd(fwd=fwd):
-                return torch.autograd.grad(fwd(), (q, k, v), do)
+        def fwdbwd(fwd=fwd):
+            return torch.autograd.grad(fwd(), (q, k, v), do)
 
-            outs[name] = (fwd().float(), *(g.float() for g in fwdbwd()))
-            f_ms, fb_ms = bench(fwd), bench(fwdbwd)
-            print(f"selective attention [{name}] B{b} L{L} H{H} D{d} w{w} C{cap}: fwd {f_ms:.3f} ms "
-                  f"({flex_f / f_ms:.2f}x flex), fwd+bwd {fb_ms:.3f} ms ({flex_fb / fb_ms:.2f}x flex)")
-            if name == "new":
-                kernel_table(fwd, "  attention fwd kernels")
-                kernel_table(fwdbwd, "  attention fwd+bwd kernels")
-        if "old" in outs:
-            errs = [((a - b_).norm() / b_.norm()).item() for a, b_ in zip(outs["new"], outs["old"])]
-            print("  new vs old rel diff (o, dq, dk, dv):", " ".join(f"{e:.2e}" for e in errs))
+        t0 = time.time()
+        outs[name] = (fwd().float(), *(g.float() for g in fwdbwd()))
+        tune_s = time.time() - t0
+        f_ms, fb_ms = bench(fwd), bench(fwdbwd)
+        print(f"\nselective attention [{name}] B{b} L{L} H{H} D{d} w{w} C0.15: fwd {f_ms:.3f} ms "
+              f"({flex_f / f_ms:.2f}x flex), fwd+bwd {fb_ms:.3f} ms ({flex_fb / fb_ms:.2f}x flex)"
+              f"  [first call incl. autotuning {tune_s:.0f} s]", flush=True)
+        _autotune_report(m)
+        kernel_table(fwdbwd, f"  [{name}] fwd+bwd kernels")
+        if name != "new":
+            errs = [((a - b_).norm() / b_.norm()).item() for a, b_ in zip(outs[name], outs["new"])]
+            print(f"  {name} vs new rel diff (o, dq, dk, dv):", " ".join(f"{e:.2e}" for e in errs))
+    # against the fp32 reference on one head group, to catch a wrong kernel outright
+    from hybridlab.kernels.selective_attention import selective_attention_ref
+    ref = selective_attention_ref(q[:1, :4096].float(), k[:1, :4096].float(), v[:1, :4096].float(),
+                                  q_mask=mask[:1, :4096], window=w)
+    for name, m in mods.items():
+        got = m.selective_attention(q[:1, :4096], k[:1, :4096], v[:1, :4096], q_mask=mask[:1, :4096], window=w)
+        print(f"  [{name}] vs fp32 reference (B1 L4096): rel err {((got.float() - ref).norm() / ref.norm()).item():.2e}")
 
 
 def block_section():
@@ -281,11 +304,12 @@ def decode_section():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--old", help="another copy of ssd_triton.py to A/B against")
-    ap.add_argument("--old-attn", help="another copy of selective_attention_triton.py to A/B against")
+    ap.add_argument("--attn", action="append", default=[], metavar="NAME=PATH",
+                    help="another copy of selective_attention_triton.py to A/B against (repeatable)")
     ap.add_argument("--sections", default="ssd,attention,conv,ce,block,train,decode")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    sections = {"ssd": lambda: ssd_section(args.old), "attention": lambda: attention_section(args.old_attn),
+    sections = {"ssd": lambda: ssd_section(args.old), "attention": lambda: attention_section(dict(a.split("=", 1) for a in args.attn)),
                 "conv": conv_section, "ce": ce_section, "block": block_section, "train": train_section,
                 "decode": decode_section}
     for s in args.sections.split(","):
