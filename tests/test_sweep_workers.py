@@ -19,7 +19,9 @@ def _complete_trials_are_whole(study, space):
 def test_two_commands_share_one_journal_exactly(tmp_path):
     """`--workers 2` (two spawned processes) and a second command on the same storage: 3 workers."""
     n = 6
-    path = write_space(tmp_path, trials=n)
+    # trials of ~1-2 s (60 steps), not the default 3 steps: with instant trials the first worker
+    # to finish importing torch can take all six before the others start (seen on 2 cores)
+    path = write_space(tmp_path, trials=n, training={"steps": 60})
     procs = [subprocess.Popen(sweep_cmd(path, *extra), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for extra in (["--workers", "2"], [])]
