@@ -22,30 +22,72 @@ def _loss_and_hits(logits, targets):
     return ce.item(), correct.sum().item(), mask.sum().item(), first_hits.item(), has.sum().item()
 
 
+class record_selection:
+    """Within this context each SAL keeps its last inference selection (B, L) in
+    `masks[scope]`, whatever rule (or override, such as `sals_off`'s) makes it."""
+
+    def __init__(self, model):
+        from .blocks.sal import SALBlock
+
+        pairs = zip(getattr(model, "scopes", ()), getattr(model, "layers", ()))
+        self.sals = {scope: layer for scope, layer in pairs if isinstance(layer, SALBlock)}
+        self.masks: dict[str, torch.Tensor] = {}
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self):
+        for scope, sal in self.sals.items():
+            self._saved[scope] = sal.__dict__.get("infer_select")  # an override already in place
+            select = sal.infer_select
+
+            def recorded(s, select=select, scope=scope):
+                self.masks[scope] = m = select(s)
+                return m
+            sal.infer_select = recorded
+        return self
+
+    def __exit__(self, *exc):
+        for scope, sal in self.sals.items():
+            if self._saved[scope] is None:
+                del sal.infer_select  # back to the class's method
+            else:
+                sal.infer_select = self._saved[scope]
+
+
 @torch.no_grad()
 def group_metrics(model, batches, device, amp=None) -> dict:
     """loss/acc over the answer positions; acc_first over each sequence's first answer only
     (in recall tasks that query every key once, later answers can be had by elimination, as
-    the one value not yet asked for; the first cannot: chance there is 1 / pairs); and
+    the one value not yet asked for; the first cannot: chance there is 1 / pairs);
     `selected`: each SAL's share of tokens selected by its inference rule ({"layers.6.sal":
-    share}, averaged over sequences)."""
+    share}, averaged over sequences); and `answers_selected`: the share of the answer positions
+    (the tokens whose next token is scored: in recall tasks the queried keys) that each SAL
+    selects. Beside `selected` it shows whether the gate spends its budget where the task needs
+    attention."""
     loss, hits, count, rows, first_hits, firsts = 0.0, 0, 0, 0, 0, 0
     selected: dict[str, float] = {}
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(inputs)
-        l, h, c, fh, fc = _loss_and_hits(out.logits, targets)
-        loss, hits, count = loss + l, hits + h, count + c
-        first_hits, firsts = first_hits + fh, firsts + fc
-        rows += inputs.shape[0]
-        for key, value in out.metrics.items():
-            if key.endswith("/selected_frac"):
-                scope = key[: -len("/selected_frac")]
-                selected[scope] = selected.get(scope, 0.0) + value.item() * inputs.shape[0]
+    answers_selected: dict[str, int] = {}
+    with record_selection(model) as rec:
+        for inputs, targets in batches:
+            inputs, targets = inputs.to(device), targets.to(device)
+            rec.masks.clear()
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = model(inputs)
+            l, h, c, fh, fc = _loss_and_hits(out.logits, targets)
+            loss, hits, count = loss + l, hits + h, count + c
+            first_hits, firsts = first_hits + fh, firsts + fc
+            rows += inputs.shape[0]
+            for key, value in out.metrics.items():
+                if key.endswith("/selected_frac"):
+                    scope = key[: -len("/selected_frac")]
+                    selected[scope] = selected.get(scope, 0.0) + value.item() * inputs.shape[0]
+            answer = targets != -100
+            for scope, m in rec.masks.items():
+                picked = (m.bool() & answer).sum().item()
+                answers_selected[scope] = answers_selected.get(scope, 0) + picked
     count, rows = max(count, 1), max(rows, 1)
     return {"loss": loss / count, "acc": hits / count, "acc_first": first_hits / max(firsts, 1),
-            "tokens": count, "selected": {k: v / rows for k, v in selected.items()}}
+            "tokens": count, "selected": {k: v / rows for k, v in selected.items()},
+            "answers_selected": {k: v / count for k, v in answers_selected.items()}}
 
 
 class sals_off:
@@ -56,15 +98,20 @@ class sals_off:
         from .blocks.sal import SALBlock
 
         self.sals = [m for m in model.modules() if isinstance(m, SALBlock)]
+        self._saved = []
 
     def __enter__(self):
+        self._saved = [sal.__dict__.get("infer_select") for sal in self.sals]  # overrides in place
         for sal in self.sals:
             sal.infer_select = lambda s: torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
         return self
 
     def __exit__(self, *exc):
-        for sal in self.sals:
-            del sal.infer_select  # back to the class's method
+        for sal, saved in zip(self.sals, self._saved):
+            if saved is None:
+                del sal.infer_select  # back to the class's method
+            else:
+                sal.infer_select = saved
 
 
 @torch.no_grad()
@@ -82,6 +129,12 @@ def validation_metrics(model, dataset, batch_size: int, max_batches: int, device
         out[f"blocks/{scope}/eval_selected_frac"] = share
     if main["selected"]:
         out["val/selected_frac"] = sum(main["selected"].values()) / len(main["selected"])
+    if dataset.kind == "task":  # answers exist only in tasks; text scores every position
+        for scope, share in main["answers_selected"].items():
+            out[f"blocks/{scope}/eval_answer_selected_frac"] = share
+        if main["answers_selected"]:
+            out["val/answer_selected_frac"] = (sum(main["answers_selected"].values())
+                                               / len(main["answers_selected"]))
     if dataset.kind == "task":
         accs, firsts = {}, {}
         for name, make in dataset.eval_groups().items():

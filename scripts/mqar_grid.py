@@ -24,7 +24,9 @@ is still reported, marked "cut". Results: OUT/summary.json, OUT/summary.md, stdo
 OUT/results.tgz (suites, logs, metrics.jsonl; no checkpoints) to copy off a machine that returns
 only a few files.
 
-"SAL off" is val/acc_sal_off: the held-out accuracy with every SAL selecting nothing.
+"SAL off" is val/acc_sal_off: the held-out accuracy with every SAL selecting nothing; "answers
+sel." is val/answer_selected_frac: the share of answer positions (the queried keys) the SALs
+select, beside "val share", the share of all tokens.
 """
 from __future__ import annotations
 
@@ -261,7 +263,8 @@ def table(rows: list[dict]) -> str:
     kv = sorted({k for r in rows for k in r.get("eval", {}) if k.startswith("val/acc/")},
                 key=lambda k: (k.rsplit("=", 1)[0], int(k.rsplit("=", 1)[1]) if k.rsplit("=", 1)[1].isdigit() else 0))
     head = ["setting", "variant", "status", "params", "steps", "wall s", "step/s", "eval@", "val/acc",
-            *[k[len("val/acc/"):] for k in kv], "first answer", "SAL off", "val share", "train share", "val/loss",
+            *[k[len("val/acc/"):] for k in kv], "first answer", "SAL off", "val share", "answers sel.",
+            "train share", "val/loss",
             "best acc (step, share)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -271,7 +274,7 @@ def table(rows: list[dict]) -> str:
                  fmt(r["wall_s"], 0), fmt(r.get("steps_per_s"), 1), fmt(r.get("eval_step")),
                  fmt(e.get("val/acc")), *[fmt(e.get(k)) for k in kv], fmt(e.get("val/acc_first")),
                  fmt(e.get("val/acc_sal_off")),
-                 fmt(e.get("val/selected_frac")),
+                 fmt(e.get("val/selected_frac")), fmt(e.get("val/answer_selected_frac")),
                  fmt(r.get("train_share")), fmt(e.get("val/loss")), best]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -117,3 +117,40 @@ def test_sal_off_accuracy_is_the_model_with_no_token_selected():
     assert "infer_select" not in sal.__dict__  # the class's method again
     with sals_off(model) as off:
         assert off.sals == [sal]
+
+
+def test_answer_selected_share_counts_the_answer_positions_the_gate_picks():
+    from hybridlab.data import make_dataset
+    from hybridlab.evaluate import group_metrics, record_selection, sals_off, validation_metrics
+    from hybridlab.graph import parse_arch
+    from hybridlab.model import HybridLM
+    from tests.helpers import D_MODEL
+
+    torch.manual_seed(0)
+    arch = parse_arch({"name": "t", "d_model": D_MODEL, "vocab_size": 32, "pattern": "M S",
+                       "defaults": {"mamba2": {"d_state": 8, "headdim": 16, "chunk_size": 16},
+                                    "sal": {"head_dim": 16, "window": 16, "capacity": 0.5}}})
+    model = HybridLM(arch).eval()  # inference selection, the rule replaced below
+    sal = model.layers[1]
+    ds = make_dataset({"task": "mqar", "num_kv_pairs": 2, "vocab_size": 32, "eval_examples": 32}, 16)
+    # a rule that selects every third position: the share of answers it picks is known exactly
+    # (not every second: MQAR's queried keys all sit at even positions)
+    sal.infer_select = lambda s: (torch.arange(s.shape[-2]) % 3 == 0).expand(s.shape[:-1])
+    targets = torch.cat([t for _, t in ds.eval_batches(8, 2)])
+    answer = targets != -100
+    expected = (answer[:, 0::3].sum() / answer.sum()).item()
+    assert 0 < expected < 1  # answers fall on and off the rule, so the check has teeth
+    g = group_metrics(model, ds.eval_batches(8, 2), torch.device("cpu"))
+    assert g["answers_selected"]["layers.1.sal"] == pytest.approx(expected)
+    assert g["selected"]["layers.1.sal"] == pytest.approx(6 / 16)  # positions 0, 3, ..., 15
+    val = validation_metrics(model, ds, 8, 2, torch.device("cpu"))
+    assert val["blocks/layers.1.sal/eval_answer_selected_frac"] == pytest.approx(expected)
+    assert val["val/answer_selected_frac"] == pytest.approx(expected)
+    assert "infer_select" in sal.__dict__  # the override outlives the recording
+    del sal.infer_select
+    with sals_off(model):  # nested under an override, the recorder sees what it selects
+        assert group_metrics(model, ds.eval_batches(8, 2), torch.device("cpu"))["answers_selected"] == {
+            "layers.1.sal": 0.0}
+    assert "infer_select" not in sal.__dict__
+    with record_selection(model) as rec:
+        assert list(rec.sals) == ["layers.1.sal"]
