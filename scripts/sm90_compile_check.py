@@ -49,10 +49,11 @@ def load(path):
 
 def compile_one(jit_fn, consts, num_warps, num_stages, maxnreg=None):
     names = jit_fn.arg_names
-    signature = {a: "constexpr" if a in consts else POINTERS.get(a, "fp32" if a in FLOATS else "i32")
-                 for a in names}
+    box = f"[1,{consts.get('BLOCK_N')},1,{consts.get('HEAD_DIM')}]"  # K/V TMA boxes (variants)
+    signature = {a: "constexpr" if a in consts else f"tensordesc<bf16{box}>" if a.startswith("desc_")
+                 else POINTERS.get(a, "fp32" if a in FLOATS else "i32") for a in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
-             if a not in consts and a not in NOT_SPECIALISED}
+             if a not in consts and a not in NOT_SPECIALISED and not a.startswith("desc_")}
     src = ASTSource(fn=jit_fn, signature=signature, constexprs=consts, attrs=attrs)
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
@@ -108,7 +109,8 @@ def main():
                 print(f"{label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue
             regs, stack = resources(k)
-            copies = k.asm["ttgir"].count("async_copy_global_to_local")
+            ir = k.asm["ttgir"]  # cp.async copies, or TMA copies for descriptor loads
+            copies = ir.count("ttg.async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local")
             print(f"{label}: {regs} registers, stack {stack} B{' (spills)' if stack else ''}, "
                   f"shared {k.metadata.shared} B, pipelined loads {copies}", flush=True)
 
