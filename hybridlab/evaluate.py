@@ -22,7 +22,32 @@ def _loss_and_hits(logits, targets):
     return ce.item(), correct.sum().item(), mask.sum().item(), first_hits.item(), has.sum().item()
 
 
-class record_selection:
+class _select_override:
+    """Replaces each SAL's `infer_select` within the context by `wrap(sal, current rule)`, and
+    puts back exactly what was there (the class's method, or an override already in place)."""
+
+    def __init__(self, sals):
+        self.sals = sals
+        self._saved: list = []
+
+    def wrap(self, sal, select):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._saved = [sal.__dict__.get("infer_select") for sal in self.sals]
+        for sal in self.sals:
+            sal.infer_select = self.wrap(sal, sal.infer_select)
+        return self
+
+    def __exit__(self, *exc):
+        for sal, saved in zip(self.sals, self._saved):
+            if saved is None:
+                del sal.infer_select  # back to the class's method
+            else:
+                sal.infer_select = saved
+
+
+class record_selection(_select_override):
     """Within this context each SAL keeps its last inference selection (B, L) in
     `masks[scope]`, whatever rule (or override, such as `sals_off`'s) makes it."""
 
@@ -30,27 +55,15 @@ class record_selection:
         from .blocks.sal import SALBlock
 
         pairs = zip(getattr(model, "scopes", ()), getattr(model, "layers", ()))
-        self.sals = {scope: layer for scope, layer in pairs if isinstance(layer, SALBlock)}
+        self.scopes = {layer: scope for scope, layer in pairs if isinstance(layer, SALBlock)}
         self.masks: dict[str, torch.Tensor] = {}
-        self._saved: dict[str, object] = {}
+        super().__init__(list(self.scopes))
 
-    def __enter__(self):
-        for scope, sal in self.sals.items():
-            self._saved[scope] = sal.__dict__.get("infer_select")  # an override already in place
-            select = sal.infer_select
-
-            def recorded(s, select=select, scope=scope):
-                self.masks[scope] = m = select(s)
-                return m
-            sal.infer_select = recorded
-        return self
-
-    def __exit__(self, *exc):
-        for scope, sal in self.sals.items():
-            if self._saved[scope] is None:
-                del sal.infer_select  # back to the class's method
-            else:
-                sal.infer_select = self._saved[scope]
+    def wrap(self, sal, select):
+        def recorded(s):
+            self.masks[self.scopes[sal]] = m = select(s)
+            return m
+        return recorded
 
 
 @torch.no_grad()
@@ -90,28 +103,17 @@ def group_metrics(model, batches, device, amp=None) -> dict:
             "answers_selected": {k: v / count for k, v in answers_selected.items()}}
 
 
-class sals_off:
+class sals_off(_select_override):
     """Within this context every SAL of `model` selects no token at inference (its attention
     does nothing): the accuracy it leaves shows how much the model relies on its SALs."""
 
     def __init__(self, model):
         from .blocks.sal import SALBlock
 
-        self.sals = [m for m in model.modules() if isinstance(m, SALBlock)]
-        self._saved = []
+        super().__init__([m for m in model.modules() if isinstance(m, SALBlock)])
 
-    def __enter__(self):
-        self._saved = [sal.__dict__.get("infer_select") for sal in self.sals]  # overrides in place
-        for sal in self.sals:
-            sal.infer_select = lambda s: torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
-        return self
-
-    def __exit__(self, *exc):
-        for sal, saved in zip(self.sals, self._saved):
-            if saved is None:
-                del sal.infer_select  # back to the class's method
-            else:
-                sal.infer_select = saved
+    def wrap(self, sal, select):
+        return lambda s: torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
 
 
 @torch.no_grad()
@@ -135,7 +137,6 @@ def validation_metrics(model, dataset, batch_size: int, max_batches: int, device
         if main["answers_selected"]:
             out["val/answer_selected_frac"] = (sum(main["answers_selected"].values())
                                                / len(main["answers_selected"]))
-    if dataset.kind == "task":
         accs, firsts = {}, {}
         for name, make in dataset.eval_groups().items():
             g = group_metrics(model, make(batch_size, max_batches), device, amp)

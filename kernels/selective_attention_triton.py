@@ -85,7 +85,7 @@ def _configs(gpu_configs, interp_config):
 # run 3 blocks of 4 warps per SM, latency-bound): fwd 64x64 capped at 128 registers 0.254 ->
 # 0.249 ms (8 bytes of stack in scripts/sm90_compile_check.py), dk/dv 32x64 capped at 168
 # 0.620 -> 0.594 ms (no spill). Tried and never picked there: 2 stages, 32-key dk/dv tiles,
-# 128-key dq tiles with 4 warps.
+# 128-query dq tiles with 4 warps.
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3), (64, 32, 4, 4),
                 (64, 64, 4, 3, 128)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)]

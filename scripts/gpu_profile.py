@@ -109,8 +109,7 @@ def _autotune_report(mod, names=("_sel_attn_fwd", "_sel_attn_bwd_dq", "_sel_attn
         for cfg, t in sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], (list, tuple)) else kv[1]):
             t0 = t[0] if isinstance(t, (list, tuple)) else t
             kw = cfg.kwargs
-            extra = (f" cap{cfg.maxnreg}" if getattr(cfg, "maxnreg", None) else "") + \
-                (f" tiles{kw['TILES']}" if "TILES" in kw else "")
+            extra = f" cap{cfg.maxnreg}" if getattr(cfg, "maxnreg", None) else ""
             print(f"      {kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} w{cfg.num_warps} s{cfg.num_stages}{extra}: {t0:.4f} ms")
 
 

@@ -4,7 +4,7 @@ whether the key loop's loads were software-pipelined (cp.async copies). Triton s
 cuobjdump in its wheel, so this runs on the CPU CI machine too (~5 s a config):
 
     python scripts/sm90_compile_check.py [--module PATH] [--kernels fwd,dq,dkdv] [--kv-mask]
-        [--configs "64,64,4,3;64,64,4,3,128;64,64,4,3,0,4" | --picks]
+        [--configs "64,64,4,3;64,64,4,3,128" | --picks]
 
 Use it before spending device time: a config that spills, or a loop that lost its pipelining,
 shows here. The launcher specialises pointers and strides divisible by 16 (`tt.divisibility`);
@@ -80,8 +80,7 @@ def main():
     ap.add_argument("--kv-mask", action="store_true", help="the selected-only K/V variant")
     ap.add_argument("--dense", action="store_true", help="the dense (no q_mask) variant")
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--configs", help="BM,BN,warps,stages[,maxnreg (0: none)[,tiles]];... instead of "
-                                      "the module's lists")
+    ap.add_argument("--configs", help="BM,BN,warps,stages[,maxnreg];... instead of the module's lists")
     ap.add_argument("--picks", action="store_true", help="only the configs the H200 picked (PICKS)")
     args = ap.parse_args()
     mod = load(args.module)
@@ -97,14 +96,10 @@ def main():
             configs = getattr(mod, list_name)
         for c in configs:
             bm, bn, w, s = c[:4]
-            cap = c[4] if len(c) > 4 and c[4] else None
+            cap = c[4] if len(c) > 4 else None
             label = f"{key:5s} {bm}x{bn} w{w} s{s}" + (f" cap{cap}" if cap else "")
-            kc = dict(consts, BLOCK_M=bm, BLOCK_N=bn)
-            if "TILES" in getattr(mod, fn_name).fn.arg_names:
-                kc["TILES"] = c[5] if len(c) > 5 else 1
-                label += f" tiles{kc['TILES']}"
             try:
-                k = compile_one(getattr(mod, fn_name).fn, kc, w, s, cap)
+                k = compile_one(getattr(mod, fn_name).fn, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s, cap)
             except Exception as e:  # a config that does not compile is a finding, not a crash
                 print(f"{label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue

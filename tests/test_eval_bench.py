@@ -153,4 +153,4 @@ def test_answer_selected_share_counts_the_answer_positions_the_gate_picks():
             "layers.1.sal": 0.0}
     assert "infer_select" not in sal.__dict__
     with record_selection(model) as rec:
-        assert list(rec.sals) == ["layers.1.sal"]
+        assert list(rec.scopes.values()) == ["layers.1.sal"]
