@@ -83,13 +83,15 @@ def _configs(gpu_configs, interp_config):
 # picks 64-query tiles (a 64-query tile spans fewer positions, so its key range wastes less),
 # the dense path 128-query tiles. The register caps buy occupancy (Nsight: the masked kernels
 # run 3 blocks of 4 warps per SM, latency-bound): fwd 64x64 capped at 128 registers 0.254 ->
-# 0.249 ms (8 bytes of stack in scripts/sm90_compile_check.py), dk/dv 32x64 capped at 168
-# 0.620 -> 0.594 ms (no spill). Tried and never picked there: 2 stages, 32-key dk/dv tiles,
-# 128-query dq tiles with 4 warps.
+# 0.249 ms (8 bytes of stack in scripts/sm90_compile_check.py); dk/dv 16-query tiles capped at
+# 128 registers (4 blocks per SM) 0.591 ms (32x64 at 168) -> 0.546 ms (same call; uncapped
+# 16x64 runs 3 blocks, 0.723 ms). Tried and never picked there: 2 stages, 32-key dk/dv tiles,
+# 128-query dq tiles with 4 warps, 32-query fwd/dq tiles (not wgmma-sized: 2x slower), dk/dv
+# 16x128 with 8 warps, caps of 104-120 (they spill).
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3), (64, 32, 4, 4),
                 (64, 64, 4, 3, 128)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)]
-_DKDV_CONFIGS = [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3, 168)]
+_DKDV_CONFIGS = [(16, 64, 4, 3, 128), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3, 168), (16, 64, 4, 4, 128)]
 _INTERP_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
 _TUNE_KEY = ["L", "window", "HEAD_DIM", "DENSE", "HAS_KV_MASK"]
 # Lengths, windows and head counts are only bounds: specialising on their divisibility would

@@ -39,8 +39,9 @@ def test_masked_path_compiles_for_sm90_pipelined_without_spills():
         assert copies > 0, f"{kernel}: key-loop loads not pipelined: {line}"
         regs = int(re.search(r"(\d+) registers", line).group(1))
         assert 0 < regs <= 255, line
-    # the backward kernels fit their registers; the forward's 128-register cap may cost a few
-    # bytes of stack (measured faster on the H200 anyway), never a real spill
-    for kernel in ("dq", "dkdv"):
-        assert "stack 0 B" in lines[kernel], lines[kernel]
-    assert int(re.search(r"stack (\d+) B", lines["fwd"]).group(1)) <= 64, lines["fwd"]
+    # dq fits its registers; the 128-register caps of fwd and dk/dv may cost a few bytes of
+    # stack (measured faster on the H200 anyway: the cap buys a fourth block per SM), never a
+    # real spill
+    assert "stack 0 B" in lines["dq"], lines["dq"]
+    for kernel in ("fwd", "dkdv"):
+        assert int(re.search(r"stack (\d+) B", lines[kernel]).group(1)) <= 64, lines[kernel]
