@@ -42,3 +42,21 @@ def test_kv_tma_variant_matches_the_reference(tmp_path, window, kv_selected):
     for name, a, r in zip(("o", "dq", "dk", "dv"), (got, *g_got), (want, *g_want)):
         err = ((a - r).norm() / r.norm()).item()
         assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+def test_make_configs_appends_to_the_lists_and_keeps_the_module_whole(tmp_path):
+    out = tmp_path / "sat_cfg.py"
+    run = subprocess.run([sys.executable, str(VARIANTS / "make_configs.py"), str(out),
+                          "--dkdv", "16,64,4,3,128;16,128,8,3", "--fwd", "64,32,4,3,96"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    spec = importlib.util.spec_from_file_location("sat_cfg", out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from hybridlab.kernels import selective_attention_triton as cur
+    assert mod._DKDV_CONFIGS == cur._DKDV_CONFIGS + [(16, 64, 4, 3, 128), (16, 128, 8, 3)]
+    assert mod._FWD_CONFIGS == cur._FWD_CONFIGS + [(64, 32, 4, 3, 96)]
+    assert mod._DQ_CONFIGS == cur._DQ_CONFIGS
+    bad = subprocess.run([sys.executable, str(VARIANTS / "make_configs.py"), str(out), "--dq", "64,64"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "BM,BN,warps,stages" in bad.stderr
