@@ -1,7 +1,9 @@
-"""What every block shares: the Block interface and the auxiliary-loss collector."""
+"""What every block shares: the Block interface (with the hooks the core calls for every
+block), the auxiliary-loss collector, and what a block records at inference."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +61,31 @@ class Block(nn.Module):
     prefill(x (B, T, d), cache) -> (B, T, d), advancing the cache by a chunk of T tokens
 
     Inference (`step`, `prefill`) selects deterministically; both equal `forward` in eval mode.
+
+    Hooks the core (train, evaluate, tracking) calls for every block, so it never names a block
+    type; the defaults say "nothing to add":
+
+    hparams(configs) -> dict          classmethod: this block type's HParams columns, from the
+                                      configs of its layers in an architecture; with none, neutral
+                                      values (0, ""), so every run logs the same keys
+    hparam_metrics: tuple[str, ...]   names among `eval_report(...).means` also logged as the
+                                      HParams metric hparam/eval_<name>
+    summary_metrics: dict[str, str]   aux metric name -> short label: averaged over the blocks into
+                                      the training summary (NaN without such a block) and shown in
+                                      the progress bar
+    ablate() -> context manager | None
+                                      within it the block's optional computation is off at
+                                      inference (a SAL selects nothing); None: it cannot be off
+    record() -> context manager yielding a Recorder | None
+                                      within it each inference forward adds the block's per-token
+                                      decisions (mask, score) to the Recorder; None: nothing to record
+    eval_report(scope, record) -> EvalReport
+                                      metrics, histograms and warnings from what the block recorded
+                                      over an evaluation at layer position `scope` (a TokenRecord)
     """
+
+    hparam_metrics: tuple[str, ...] = ()
+    summary_metrics: dict[str, str] = {}
 
     def __init__(self, cfg, d_model: int, n_layers: int):
         super().__init__()
@@ -73,6 +99,90 @@ class Block(nn.Module):
 
     def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def hparams(cls, configs: list) -> dict:
+        return {}
+
+    def ablate(self):
+        return None
+
+    def record(self):
+        return None
+
+    def eval_report(self, scope: str, record: "TokenRecord") -> "EvalReport":
+        return EvalReport()
+
+
+@dataclass
+class Recorder:
+    """What a block decided per token in the inference forwards run under `Block.record()`: one
+    (mask, score) per call, mask (B, L) bool (the tokens it acted on), score (B, L) in [0, 1]
+    (how strongly it leaned to act). `mark` and `score_name` name them for people (a SAL:
+    "selected", "P(select)")."""
+
+    mark: str
+    score_name: str
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, mask: torch.Tensor, score: torch.Tensor) -> None:
+        self.calls.append((mask.detach().bool(), score.detach().float()))
+
+
+@dataclass
+class TokenRecord:
+    """One layer position's recorded decisions over an evaluation, batch by batch; `answers`
+    holds each batch's answer positions (targets != -100) in tasks, and is None for text, where
+    every position is scored."""
+
+    mark: str
+    score_name: str
+    masks: list[torch.Tensor] = field(default_factory=list)  # each (B, L) bool
+    scores: list[torch.Tensor] = field(default_factory=list)  # each (B, L) float
+    answers: list[torch.Tensor] | None = None  # each (B, L) bool
+
+    def share(self) -> float:
+        """The share of tokens marked, per sequence, then averaged over the sequences."""
+        per_seq = torch.cat([m.float().mean(dim=1) for m in self.masks])  # (N,)
+        return per_seq.mean().item() if per_seq.numel() else math.nan
+
+    def answer_share(self) -> float | None:
+        """The share of answer positions marked (None without answers)."""
+        if self.answers is None:
+            return None
+        picked = sum((m & a).sum().item() for m, a in zip(self.masks, self.answers))
+        total = sum(a.sum().item() for a in self.answers)
+        return picked / max(total, 1)
+
+    def all_scores(self) -> torch.Tensor:
+        """Every token's score, flat (for a histogram)."""
+        return torch.cat([s.flatten() for s in self.scores]) if self.scores else torch.zeros(0)
+
+
+@dataclass
+class EvalReport:
+    """A block's findings over an evaluation at one layer position (`Block.eval_report`)."""
+
+    scalars: dict[str, float] = field(default_factory=dict)  # logged as blocks/<scope>/<name>
+    means: dict[str, float] = field(default_factory=dict)  # val/<name>: mean over the blocks reporting it
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # blocks/<scope>/<name>
+    warnings: list[str] = field(default_factory=list)  # one line each, printed at every validation
+
+
+@contextmanager
+def override_method(obj, name: str, wrap, value=None):
+    """Within the context `obj.<name>` is `wrap(the current one)`, and `value` is yielded; on exit
+    exactly what was there comes back (the class's method, or an instance override already in
+    place), so overrides nest."""
+    saved = obj.__dict__.get(name)
+    obj.__dict__[name] = wrap(getattr(obj, name))
+    try:
+        yield value
+    finally:
+        if saved is None:
+            del obj.__dict__[name]
+        else:
+            obj.__dict__[name] = saved
 
 
 def avg_causal_context(seq_len: int, window: int | None) -> float:

@@ -91,6 +91,11 @@ class Mamba2Config(Config, BlockConfigMixin):
 
 @register_block("mamba2", "M", Mamba2Config, "Mamba-2 mixer (SSD), pre-norm residual")
 class Mamba2Block(Block):
+    @classmethod
+    def hparams(cls, configs):
+        """The first Mamba-2 layer's state size (0 without one) as an HParams column."""
+        return {"mamba2_d_state": configs[0].d_state if configs else 0}
+
     def __init__(self, cfg: Mamba2Config, d_model: int, n_layers: int):
         super().__init__(cfg, d_model, n_layers)
         self.d_inner = cfg.d_inner(d_model)

@@ -3,25 +3,30 @@
 For each token h_i coming out of the Mamba-2 stack:
   s_i = G(h_i)                               gate, Eq. 1 (RMSNorm then Linear(d, 2))
   m_i = argmax GumbelSoftmax(s_i, tau)       Eq. 2-3, straight-through; deterministic at eval
-                                             (cfg.inference: s1 > s0, or a calibrated threshold)
+                                             (cfg.inference: a calibrated threshold, or s1 > s0)
   o_i = Attention(q_i, K, V)                 Eq. 4, selected queries only, sliding window, NoPE
   h_i <- (1 - a_i) h_i + a_i o_i  if m_i     Eq. 5, [1 - a_i, a_i] = softmax(s_i)
+                                             (cfg.refine: residual, h_i + a_i o_i, keeps h_i)
   h   <- h + SwiGLU(RMSNorm(h))              Eq. 6
   L_constraint = (C - sum_i m_i / L)^2       Eq. 7, per sequence, mean over the batch
                                              (optionally C scheduled in training: capacity_start)
+
+Read literally (signal: selected, refine: interpolate, inference: threshold) the gate learns to
+avoid the tokens where the loss is and, at inference, selects nothing; the other settings are
+ours, not the paper's, and README "SAL training" has what each did in our measurements.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import SelfAttention, validate_heads
-from .base import Block, BlockConfigMixin, avg_causal_context
+from .base import Block, BlockConfigMixin, EvalReport, Recorder, avg_causal_context, override_method
 from .common import RMSNorm, SwiGLU, init_linear, swiglu_width
 from .config import Config, ConfigError, field, join_path
 from .registry import register_block
@@ -43,18 +48,38 @@ class SALConfig(Config, BlockConfigMixin):
     n_kv_heads: Optional[int] = field(None, "K/V heads for GQA (null: as many as query heads)",
                                       ge=1, nullable=True)
     gate: str = field("linear", "gate network G: Linear(d, 2), or a small MLP", choices=("linear", "mlp"))
-    gate_grad: str = field(
-        "selected", "which tokens' gates learn from the LM loss. selected: attention runs only for "
-        "selected queries, so an unselected token's gate learns only through the budget loss (the "
-        "paper's saving); all: in training, attention also runs for unselected queries so their "
-        "straight-through m gets the gradient of what selecting them would change (forward and "
-        "inference unchanged; training attention cost as if C = 1)", choices=("selected", "all"))
+    signal: str = field(
+        "explore", "how the gate and the attention learn in training (forward at inference is the "
+        "same for all). selected: the paper's literal reading, attention only for selected "
+        "queries, so an unselected token's gate learns only from the budget loss and the attention "
+        "never learns where it is not yet used; all (not in the paper): attention for every query, "
+        "so every gate gets the straight-through gradient of what selecting its token would "
+        "change (the attention still learns only at selected tokens; cost as C = 1); dense (not "
+        "in the paper): as all, and the attention also learns at every unselected token the "
+        "gradient it would get if that token were selected, through a detached input, so "
+        "nothing leaks into the residual stream (cost as C = 2); explore (not in the paper): a "
+        "random share `explore` of the unselected tokens is selected too in training, forward "
+        "included, so the attention learns and the gate's straight-through gradient measures "
+        "them where the gate would not look (cost as C + explore)",
+        choices=("selected", "all", "dense", "explore"))
+    explore: float = field(0.1, "share of the unselected tokens that signal: explore adds to the "
+                           "selection in training (not in the paper)", ge=0, le=1)
+    refine: str = field(
+        "residual", "how a selected token takes its attention output o. interpolate: Eq. 5, "
+        "(1 - a) h + a o, which at a -> 1 replaces the Mamba-2 representation; residual (not "
+        "in the paper): h + a o, which keeps it", choices=("interpolate", "residual"))
+    zero_init: bool = field(
+        False, "start the attention's output projection at zero (not in the paper), so that with "
+        "refine: residual the SAL starts as its SwiGLU alone and selecting a token changes "
+        "nothing until the attention has learned something: the gate has no early reason to avoid "
+        "the tokens where the loss is")
     inference: str = field(
-        "threshold", "selection at inference (eval forward, step, prefill). threshold: s1 > s0, "
-        "the spec's; calibrated: p(select) above a threshold tracked in training (EMA of each "
-        "batch's (1-C)-quantile), so about a share C is selected, per token and causal; topk: "
-        "the top ceil(C*L) tokens of each sequence by p (non-causal: forward only)",
-        choices=("threshold", "calibrated", "topk"))
+        "calibrated", "selection at inference (eval forward, step, prefill). calibrated (our "
+        "default, not in the paper): p(select) above a threshold tracked in training (EMA of "
+        "each batch's (1-C)-quantile), so about a share C is selected, per token and causal; "
+        "threshold: s1 > s0, the spec's literal rule (it selects nothing while the gate sits "
+        "near p = C); topk: the top ceil(C*L) tokens of each sequence by p (non-causal: "
+        "forward only)", choices=("calibrated", "threshold", "topk"))
     mlp_mult: float = field(8 / 3, "SwiGLU width = mlp_mult * d_model rounded up to 64", gt=0)
     capacity_start: Optional[float] = field(
         None, "capacity curriculum (not in the paper): the budget loss's target starts at this "
@@ -67,6 +92,15 @@ class SALConfig(Config, BlockConfigMixin):
     capacity_hold_steps: int = field(
         0, "training steps the budget target stays at capacity_start before it starts to fall "
         "(a curriculum's hold phase: the attention learns at a high share first)", ge=0)
+
+    @classmethod
+    def from_dict(cls, data, d_model, path="", cross_check=True):
+        if isinstance(data, Mapping) and "gate_grad" in data:
+            # A run saved before `signal` and `refine` existed (gate_grad: selected | all, always
+            # Eq. 5): read it as it was trained.
+            old = {k: v for k, v in data.items() if k != "gate_grad"}
+            data = {"signal": data["gate_grad"], "refine": "interpolate", **old}
+        return super().from_dict(data, d_model, path, cross_check)
 
     def validate(self, d_model: int, path: str = "") -> None:
         validate_heads(d_model, self.head_dim, self.n_kv_heads, path)
@@ -120,8 +154,9 @@ class SALConfig(Config, BlockConfigMixin):
 
     def describe(self) -> str:
         pe = "nope" if self.positional == "none" else "rope"
-        sel = "" if self.inference == "threshold" else f" sel={self.inference}"
-        return f"C={self.capacity:g} w={self.window} {pe} kv={self.kv}{sel}"
+        extra = "".join(f" {k}={getattr(self, k)}" for k in ("signal", "refine", "zero_init", "inference")
+                        if getattr(self, k) != SALConfig.__dataclass_fields__[k].default)
+        return f"C={self.capacity:g} w={self.window} {pe} kv={self.kv}{extra}"
 
 
 @register_block("sal", "S", SALConfig, "Taipan Selective Attention Layer: gate, sparse windowed attention, SwiGLU")
@@ -151,12 +186,18 @@ class SALBlock(Block):
             self.register_buffer("select_threshold", torch.tensor(logit_c))
         self.attn = SelfAttention(d_model, cfg.head_dim, cfg.n_kv_heads, cfg.positional,
                                   cfg.rope_theta, cfg.window, n_layers)
+        if cfg.zero_init:
+            nn.init.zeros_(self.attn.wo.weight)
         self.mlp_norm = RMSNorm(d_model)
         self.mlp = SwiGLU(d_model, swiglu_width(d_model, cfg.mlp_mult, 64))
         init_linear(self.mlp.w_gate_up, 0.02)
         init_linear(self.mlp.w_down, 0.02 / math.sqrt(2 * n_layers))
 
-    CALIBRATION_MOMENTUM = 0.99  # EMA of the per-batch quantile: a time constant of ~100 steps
+    # EMA of the per-batch quantile with a time constant of ~10 steps: early in training the gate
+    # scores every token within a few hundredths of the others while its bias still drifts, so a
+    # slower average lags by more than the spread (measured: 0.99 gave 0.46 instead of C = 0.15
+    # after 150 steps of tests/test_sal_training.py; 0.9 tracks it)
+    CALIBRATION_MOMENTUM = 0.9
 
     def select(self, s: torch.Tensor) -> torch.Tensor:
         """s (..., 2) fp32 gate logits -> m (...) in {0, 1}; straight-through while training."""
@@ -194,32 +235,59 @@ class SALBlock(Block):
                                "no step/prefill; use inference: calibrated or threshold to decode")
         return self.infer_select(s)
 
-    def refine(self, h, o, s, m, selected):
-        """Eq. 5. Written h + m * a * (o - h) so the straight-through m carries a gradient.
+    def refine(self, h, o, a, m, rows):
+        """Eq. 5 (or its residual form, cfg.refine) for the tokens where m = 1.
 
-        Unselected tokens have no attention output (that is the saving), so their term is
-        zeroed outright: their gate learns only through the budget loss (`selected` marks the
-        rows of `o` that exist: all of them with gate_grad: all).
+        Written h + m * a * delta so the straight-through m carries a gradient: what taking o
+        would change, d loss / d m = a <g, delta>. `rows` (B, L) bool marks the rows of `o` that
+        exist; elsewhere delta is zero (no attention ran there: that is the saving).
         """
-        a = torch.softmax(s, dim=-1)[..., 1]
-        delta = torch.where(selected[..., None], o - h, torch.zeros_like(h))
+        delta = o - h if self.cfg.refine == "interpolate" else o
+        delta = torch.where(rows[..., None], delta, torch.zeros_like(delta))
         return h + (m * a)[..., None].to(h.dtype) * delta
+
+    def _attend(self, u, q_mask, selected):
+        """Attention output (B, L, d) for the queries in q_mask (None: all), zero rows elsewhere;
+        K/V from the `selected` tokens only in kv: selected mode."""
+        kv_mask = selected if self.cfg.kv == "selected" else None
+        return self.attn(u, q_mask=q_mask, kv_mask=kv_mask)
+
+    def _train_mix(self, h, u, a, m):
+        """The refined h in training, by cfg.signal (see the field's help); m (B, L) is the
+        gate's straight-through selection (the budget loss counts it, not the explored tokens)."""
+        selected = m.detach() > 0.5
+        signal = self.cfg.signal
+        if signal == "explore":
+            extra = (torch.rand_like(a) < self.cfg.explore) & ~selected
+            # forced in, forward included; m + (1 - sg(m)) keeps the gate's ST gradient there
+            m = torch.where(extra, m + (1 - m.detach()), m)
+            selected = selected | extra
+        if signal in ("selected", "explore"):
+            return self.refine(h, self._attend(u, selected, selected), a, m, selected)
+        everyone = torch.ones_like(selected)
+        if signal == "all":  # m = 0 keeps the unselected rows out of the forward
+            return self.refine(h, self._attend(u, None, selected), a, m, everyone)
+        # dense: the selected queries as in `selected`; the others through a detached input, so
+        # their attention output reaches neither the forward (m = 0) nor the residual stream's
+        # gradient, and trains only the attention's weights, as if selected
+        o = self._attend(u, selected, selected)
+        o_unsel = self._attend(u.detach(), ~selected, selected)
+        y = self.refine(h, o + o_unsel.detach(), a, m, everyone)  # gate: ST at every token
+        weight = (a.detach() * (~selected))[..., None].to(h.dtype)  # d y / d o had it been picked
+        return y + weight * (o_unsel - o_unsel.detach())
 
     def forward(self, h, aux=None):
         u = self.norm(h)
-        s = self.gate(u).float()  # (B, L, 2)
-        m = self.select(s)  # (B, L)
-        selected = m.detach() > 0.5
-        kv_mask = selected if self.cfg.kv == "selected" else None
-        if self.training and self.cfg.gate_grad == "all":
-            # every query attends; m = 0 still leaves unselected tokens unchanged in the forward
-            o = self.attn(u, kv_mask=kv_mask)
-            h = self.refine(h, o, s, m, torch.ones_like(selected))
+        s = self.gate(u).float()  # (B, L, 2), Eq. 1
+        a = torch.softmax(s, dim=-1)[..., 1]  # P(select), the mix weight of Eq. 5
+        m = self.select(s)  # (B, L) hard 0/1, Eq. 2-3
+        if self.training:
+            h = self._train_mix(h, u, a, m)
         else:
-            o = self.attn(u, q_mask=selected, kv_mask=kv_mask)  # (B, L, d), zero rows where unselected
-            h = self.refine(h, o, s, m, selected)
+            selected = m > 0.5
+            h = self.refine(h, self._attend(u, selected, selected), a, m, selected)
         if aux is not None:
-            frac = m.mean(dim=1)  # (B,) selected share per sequence; carries the ST gradient
+            frac = m.mean(dim=1)  # (B,) the gate's own share per sequence; carries the ST gradient
             target = self.cfg.capacity_at(aux.step if self.training else None)
             budget = ((target - frac) ** 2).mean()
             aux.add_loss("budget_loss", self.cfg.budget_weight * budget)
@@ -237,7 +305,8 @@ class SALBlock(Block):
         selected = self._causal_select(s)
         write = selected if self.cfg.kv == "selected" else None
         o = self.attn.prefill(u, cache, q_mask=selected, write=write)
-        h = self.refine(h, o, s, selected.float(), selected)
+        a = torch.softmax(s, dim=-1)[..., 1]
+        h = self.refine(h, o, a, selected.float(), selected)
         return h + self.mlp(self.mlp_norm(h))
 
     def step(self, h, cache):
@@ -246,5 +315,68 @@ class SALBlock(Block):
         selected = self._causal_select(s)  # decoding is inference: deterministic selection
         write = selected if self.cfg.kv == "selected" else None
         o = self.attn.step(u, cache, write=write)
-        h = self.refine(h, o, s, selected.float(), selected)
+        a = torch.softmax(s, dim=-1)[..., 1]
+        h = self.refine(h, o, a, selected.float(), selected)
         return h + self.mlp(self.mlp_norm(h))
+
+    # ------------------------------------------------------------------ diagnostics hooks
+    # The core calls these for every block (blocks/base.py, Block) and never names the SAL.
+
+    summary_metrics = {"selected_frac": "sel"}  # the training share: run summary, progress bar
+    hparam_metrics = ("selected_frac",)  # the inference share: HParams metric hparam/eval_selected_frac
+
+    @classmethod
+    def hparams(cls, configs):
+        """HParams columns from the first SAL (neutral values without one); n_sal counts them."""
+        c = configs[0] if configs else None
+        return {
+            "n_sal": len(configs),
+            "sal_capacity": c.capacity if c else 0.0,
+            "sal_window": (c.window or 0) if c else 0,
+            "sal_kv": c.kv if c else "",
+            "sal_positional": c.positional if c else "",
+            "sal_temperature": c.temperature if c else 0.0,
+            "sal_inference": c.inference if c else "",
+            "sal_budget_weight": c.budget_weight if c else 0.0,
+            "sal_signal": c.signal if c else "",
+            "sal_refine": c.refine if c else "",
+            "sal_zero_init": c.zero_init if c else False,
+        }
+
+    def ablate(self):
+        """Select no token at inference: the attention adds nothing, the SwiGLU still runs."""
+        def nothing(rule):
+            return lambda s: torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
+        return override_method(self, "infer_select", nothing)
+
+    def record(self):
+        """Record each inference selection (B, L) and P(select) = softmax(s)[..., 1] (B, L),
+        whatever rule makes the selection (the configured one, or an override such as ablate's)."""
+        recorder = Recorder("selected", "P(select)")
+
+        def recorded(rule):
+            def select(s):
+                m = rule(s)
+                recorder.add(m, torch.softmax(s.float(), dim=-1)[..., 1])
+                return m
+            return select
+        return override_method(self, "infer_select", recorded, recorder)
+
+    def eval_report(self, scope, record):
+        """The inference share (and, in tasks, the share of answer positions selected), the
+        P(select) histogram, and a warning when the share is far from the capacity C: below C/3
+        the SAL is as good as off, above 3C it spends far more than it was trained to."""
+        share, capacity = record.share(), self.cfg.capacity
+        report = EvalReport(scalars={"eval_selected_frac": share}, means={"selected_frac": share},
+                            histograms={"p_select": record.all_scores()})
+        answers = record.answer_share()
+        if answers is not None:
+            report.scalars["eval_answer_selected_frac"] = answers
+            report.means["answer_selected_frac"] = answers
+        head = f"SAL {scope} selects {share:.3f} at inference (capacity {capacity:g})"
+        if share < capacity / 3:
+            off = "it is off" if share == 0 else "far below its capacity, nearly off"
+            report.warnings.append(f"{head}: {off}")
+        elif share > 3 * capacity:
+            report.warnings.append(f"{head}: far above its capacity")
+        return report

@@ -1,5 +1,6 @@
-"""Evaluation: validation loss/perplexity, recall accuracy, perplexity against context length,
-and inference cost (prefill tokens/s, decode ms/token, peak memory, cache bytes)."""
+"""Evaluation: perplexity against context length, inference cost (prefill tokens/s, decode
+ms/token, peak memory, cache bytes), and `hybridlab eval`, which adds validation
+(hybridlab/validation.py), the blocks' own diagnostics and the selection page."""
 from __future__ import annotations
 
 import math
@@ -7,150 +8,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-
-def _loss_and_hits(logits, targets):
-    """Summed CE and correct argmax over positions with a target (targets != -100), and the
-    same for each sequence's first target only: (ce, hits, count, first hits, first count)."""
-    mask = targets != -100
-    flat_logits = logits.float().flatten(0, 1)
-    ce = F.cross_entropy(flat_logits, targets.flatten(), ignore_index=-100, reduction="sum")
-    correct = (logits.argmax(-1) == targets) & mask
-    has = mask.any(dim=1)
-    first = mask.int().argmax(dim=1)  # (B,) first target position (0 where none: masked by `has`)
-    first_hits = (correct.gather(1, first[:, None])[:, 0] & has).sum()
-    return ce.item(), correct.sum().item(), mask.sum().item(), first_hits.item(), has.sum().item()
-
-
-class _select_override:
-    """Replaces each SAL's `infer_select` within the context by `wrap(sal, current rule)`, and
-    puts back exactly what was there (the class's method, or an override already in place)."""
-
-    def __init__(self, sals):
-        self.sals = sals
-        self._saved: list = []
-
-    def wrap(self, sal, select):
-        raise NotImplementedError
-
-    def __enter__(self):
-        self._saved = [sal.__dict__.get("infer_select") for sal in self.sals]
-        for sal in self.sals:
-            sal.infer_select = self.wrap(sal, sal.infer_select)
-        return self
-
-    def __exit__(self, *exc):
-        for sal, saved in zip(self.sals, self._saved):
-            if saved is None:
-                del sal.infer_select  # back to the class's method
-            else:
-                sal.infer_select = saved
-
-
-class record_selection(_select_override):
-    """Within this context each SAL keeps its last inference selection (B, L) in
-    `masks[scope]`, whatever rule (or override, such as `sals_off`'s) makes it."""
-
-    def __init__(self, model):
-        from .blocks.sal import SALBlock
-
-        pairs = zip(getattr(model, "scopes", ()), getattr(model, "layers", ()))
-        self.scopes = {layer: scope for scope, layer in pairs if isinstance(layer, SALBlock)}
-        self.masks: dict[str, torch.Tensor] = {}
-        super().__init__(list(self.scopes))
-
-    def wrap(self, sal, select):
-        def recorded(s):
-            self.masks[self.scopes[sal]] = m = select(s)
-            return m
-        return recorded
-
-
-@torch.no_grad()
-def group_metrics(model, batches, device, amp=None) -> dict:
-    """loss/acc over the answer positions; acc_first over each sequence's first answer only
-    (in recall tasks that query every key once, later answers can be had by elimination, as
-    the one value not yet asked for; the first cannot: chance there is 1 / pairs);
-    `selected`: each SAL's share of tokens selected by its inference rule ({"layers.6.sal":
-    share}, averaged over sequences); and `answers_selected`: the share of the answer positions
-    (the tokens whose next token is scored: in recall tasks the queried keys) that each SAL
-    selects. Beside `selected` it shows whether the gate spends its budget where the task needs
-    attention."""
-    loss, hits, count, rows, first_hits, firsts = 0.0, 0, 0, 0, 0, 0
-    selected: dict[str, float] = {}
-    answers_selected: dict[str, int] = {}
-    with record_selection(model) as rec:
-        for inputs, targets in batches:
-            inputs, targets = inputs.to(device), targets.to(device)
-            rec.masks.clear()
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(inputs)
-            l, h, c, fh, fc = _loss_and_hits(out.logits, targets)
-            loss, hits, count = loss + l, hits + h, count + c
-            first_hits, firsts = first_hits + fh, firsts + fc
-            rows += inputs.shape[0]
-            for key, value in out.metrics.items():
-                if key.endswith("/selected_frac"):
-                    scope = key[: -len("/selected_frac")]
-                    selected[scope] = selected.get(scope, 0.0) + value.item() * inputs.shape[0]
-            answer = targets != -100
-            for scope, m in rec.masks.items():
-                picked = (m.bool() & answer).sum().item()
-                answers_selected[scope] = answers_selected.get(scope, 0) + picked
-    count, rows = max(count, 1), max(rows, 1)
-    return {"loss": loss / count, "acc": hits / count, "acc_first": first_hits / max(firsts, 1),
-            "tokens": count, "selected": {k: v / rows for k, v in selected.items()},
-            "answers_selected": {k: v / count for k, v in answers_selected.items()}}
-
-
-class sals_off(_select_override):
-    """Within this context every SAL of `model` selects no token at inference (its attention
-    does nothing): the accuracy it leaves shows how much the model relies on its SALs."""
-
-    def __init__(self, model):
-        from .blocks.sal import SALBlock
-
-        super().__init__([m for m in model.modules() if isinstance(m, SALBlock)])
-
-    def wrap(self, sal, select):
-        return lambda s: torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
-
-
-@torch.no_grad()
-def validation_metrics(model, dataset, batch_size: int, max_batches: int, device, amp=None) -> dict:
-    """val/loss and val/ppl on the held-out set; for synthetic tasks also accuracy on the
-    answer positions per difficulty group (val/acc/<group>) and their mean (val/acc)."""
-    was_training = model.training
-    model.eval()
-    main = group_metrics(model, dataset.eval_batches(batch_size, max_batches), device, amp)
-    # (for tasks, eval_batches is also one of eval_groups: evaluated twice, cheap at these sizes)
-    out = {"val/loss": main["loss"], "val/ppl": math.exp(min(main["loss"], 50.0))}
-    # Each SAL's selected share under its inference rule, next to the training-time
-    # blocks/<scope>/selected_frac; val/selected_frac is their mean (absent without SALs).
-    for scope, share in main["selected"].items():
-        out[f"blocks/{scope}/eval_selected_frac"] = share
-    if main["selected"]:
-        out["val/selected_frac"] = sum(main["selected"].values()) / len(main["selected"])
-    if dataset.kind == "task":  # answers exist only in tasks; text scores every position
-        for scope, share in main["answers_selected"].items():
-            out[f"blocks/{scope}/eval_answer_selected_frac"] = share
-        if main["answers_selected"]:
-            out["val/answer_selected_frac"] = (sum(main["answers_selected"].values())
-                                               / len(main["answers_selected"]))
-        accs, firsts = {}, {}
-        for name, make in dataset.eval_groups().items():
-            g = group_metrics(model, make(batch_size, max_batches), device, amp)
-            accs[name], firsts[name] = g["acc"], g["acc_first"]
-            out[f"val/acc/{name}"] = accs[name]
-            out[f"val/acc_first/{name}"] = firsts[name]
-        out["val/acc"] = sum(accs.values()) / max(len(accs), 1)
-        out["val/acc_first"] = sum(firsts.values()) / max(len(firsts), 1)
-        with sals_off(model) as off:
-            if off.sals:  # the held-out set again with every SAL selecting nothing
-                g = group_metrics(model, dataset.eval_batches(batch_size, max_batches), device, amp)
-                out["val/acc_sal_off"] = g["acc"]
-    model.train(was_training)
-    return out
 
 
 def is_oom(err: BaseException) -> bool:
@@ -308,9 +165,12 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
 
     from hybridlab.data import make_dataset
 
+    from .diagnostics import block_lines, block_results, last_training_block_metrics, print_warnings
     from .load import load_checkpoint
     from .plots import plot_ppl_vs_context
+    from .selection_view import write_selection_page
     from .tracking import Tracker
+    from .validation import validate, validation_lines
 
     lo = load_checkpoint(path, device, arch_path)
     model, cfg = lo.model, lo.cfg
@@ -321,20 +181,16 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
     print(f"{lo.ckpt}: {lo.arch.name}, step {lo.step}, {model.num_params():,} parameters, on {dev}")
 
     results: dict = {"checkpoint": str(lo.ckpt), "step": lo.step}
-    val = validation_metrics(model, dataset, cfg.batch_size, batches, dev, amp)
-    results["validation"] = val
-    print(f"validation: loss {val['val/loss']:.4f}, perplexity {val['val/ppl']:.3f}")
-    for key, value in val.items():
-        if key.endswith("/eval_selected_frac"):
-            print(f"  selected share {key[7:-19]:<14} {value:.3f}")
-    for key, value in val.items():
-        if key.startswith("val/acc/"):
-            first = val.get("val/acc_first/" + key[8:])
-            tail = f"  (first answer of each sequence: {first:.3f})" if first is not None else ""
-            print(f"  recall accuracy {key[8:]:<14} {value:.3f}{tail}")
-    if "val/acc_sal_off" in val:
-        print(f"  recall accuracy with every SAL selecting nothing: {val['val/acc_sal_off']:.3f} "
-              f"(held-out set at the training difficulty)")
+    v = validate(model, dataset, cfg.batch_size, batches, dev, amp, each_off=True)
+    val = results["validation"] = v.scalars
+    trained_step, trained = last_training_block_metrics(lo.run_dir, lo.step, model.scopes)
+    results["blocks"] = block_results(model.scopes, val, v.histograms, trained, trained_step)
+    results["warnings"] = v.warnings
+    print("\n".join(validation_lines(v)))
+    lines = block_lines(results["blocks"])
+    if lines:
+        print("blocks:\n" + "\n".join(lines))
+    print_warnings(v.warnings)
 
     factors = tuple(f for f in (1, 2, 4, 8, 16, 32, 64) if f <= max_factor)
     curve = perplexity_vs_context(model, dataset, train_len, factors, device=dev, amp=amp,
@@ -355,12 +211,17 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
 
     out = Path(out_dir) if out_dir else lo.run_dir / "eval" / f"step_{lo.step:07d}"
     out.mkdir(parents=True, exist_ok=True)
+    page = write_selection_page(out / "selection.html", model, dataset, dev, amp,
+                                title=f"{lo.arch.name} @ step {lo.step}: the tokens each block marks")
+    results["selection_page"] = page.name
     (out / "eval.json").write_text(json.dumps(results, indent=1))
     png = None
     if any("ppl" in r for r in curve):
         png = plot_ppl_vs_context(curve, train_len, out / "ppl_vs_context.png", f"{lo.arch.name} @ step {lo.step}")
     tracker = Tracker(lo.run_dir)
-    tracker.log(lo.step, {(f"eval/{k[4:]}" if k.startswith("val/") else k): v for k, v in val.items()})
+    tracker.log(lo.step, {(f"eval/{k[4:]}" if k.startswith("val/") else k): x for k, x in val.items()})
+    for tag, values in v.histograms.items():
+        tracker.histogram(tag, values, lo.step)
     for r in curve:
         if "ppl" in r:
             tracker.writer.add_scalar("eval/ppl_vs_context", r["ppl"], r["context"])
@@ -374,5 +235,5 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
     if png:
         tracker.image("eval/ppl_vs_context", png, lo.step)
     tracker.close()
-    print(f"wrote {out / 'eval.json'}" + (f" and {png}" if png else ""))
+    print(f"wrote {out / 'eval.json'}, {page}" + (f" and {png}" if png else ""))
     return results

@@ -33,6 +33,13 @@ class Progress:
             self.stream.flush()
             self._last_print = now
 
+    def clear(self) -> None:
+        """Blank the bar's line on a terminal, so a message printed next starts clean (the next
+        update draws the bar again)."""
+        if self.tty:
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
+
     def close(self) -> None:
         if self.tty:
             self.stream.write("\n")

@@ -1,8 +1,10 @@
-"""One TensorBoard run folder per run: scalars, hparams with the same keys for every run,
-and the run's provenance (normalised config, architecture hash, git commit, versions, hardware).
+"""One TensorBoard run folder per run: scalars, histograms, hparams with the same keys for every
+run, and the run's provenance (normalised config, architecture hash, git commit, versions, hardware).
 
-The HParams dashboard takes its columns from one run, so every run logs exactly HPARAM_KEYS and
-METRIC_KEYS; a value that does not apply is 0 / "" for hparams and NaN for metrics.
+The HParams dashboard takes its columns from one run, so every run logs exactly `hparam_keys()`
+and `metric_keys()`; a value that does not apply is 0 / "" for hparams and NaN for metrics. Block
+types add their own columns through hooks (blocks/base.py, Block.hparams and hparam_metrics),
+asked of every registered type, present in the architecture or not.
 """
 from __future__ import annotations
 
@@ -13,30 +15,51 @@ import platform
 import subprocess
 from pathlib import Path
 
-HPARAM_KEYS = ("arch", "arch_hash", "pattern", "d_model", "n_layers", "params", "n_sal",
-               "sal_capacity", "sal_window", "sal_kv", "sal_positional", "sal_temperature", "sal_inference",
-               "sal_budget_weight", "mamba2_d_state", "data", "seq_len", "batch_size", "steps", "lr",
-               "weight_decay", "seed")
-METRIC_KEYS = ("hparam/val_loss", "hparam/val_ppl", "hparam/recall_acc", "hparam/train_loss",
-               "hparam/tokens_per_s", "hparam/decode_ms", "hparam/prefill_tokens_per_s",
-               "hparam/eval_selected_frac")
+CORE_HPARAM_KEYS = ("arch", "arch_hash", "pattern", "d_model", "n_layers", "params", "data", "seq_len",
+                    "batch_size", "steps", "lr", "weight_decay", "seed")
+CORE_METRIC_KEYS = ("hparam/val_loss", "hparam/val_ppl", "hparam/recall_acc", "hparam/train_loss",
+                    "hparam/tokens_per_s", "hparam/decode_ms", "hparam/prefill_tokens_per_s")
+
+
+def block_hparams(arch) -> dict:
+    """Every registered block type's HParams columns for `arch` (neutral where it has none)."""
+    from hybridlab.blocks import REGISTRY
+
+    out: dict = {}
+    for spec in REGISTRY.values():
+        configs = [layer.config for layer in arch.layers if layer.block == spec.name]
+        cols = spec.module_cls.hparams(configs)
+        clash = (set(cols) & set(out)) | (set(cols) & set(CORE_HPARAM_KEYS))
+        if clash:  # one dashboard column cannot mean two things
+            raise ValueError(f"block {spec.name!r} reuses hparam keys {sorted(clash)}")
+        out.update(cols)
+    return out
+
+
+def block_metric_keys() -> dict[str, str]:
+    """HParams metrics the block types add: {"hparam/eval_<name>": "val/<name>"}."""
+    from hybridlab.blocks import REGISTRY
+
+    return {f"hparam/eval_{name}": f"val/{name}"
+            for spec in REGISTRY.values() for name in spec.module_cls.hparam_metrics}
+
+
+def hparam_keys() -> tuple[str, ...]:
+    from hybridlab.blocks import REGISTRY
+
+    keys = [k for spec in REGISTRY.values() for k in spec.module_cls.hparams([])]
+    return CORE_HPARAM_KEYS + tuple(keys)
+
+
+def metric_keys() -> tuple[str, ...]:
+    return CORE_METRIC_KEYS + tuple(block_metric_keys())
 
 
 def hparams_for(arch, cfg, data_name: str, n_params: int) -> dict:
-    sals = [layer.config for layer in arch.layers if layer.block == "sal"]
-    first = sals[0] if sals else None
     return {
         "arch": arch.name, "arch_hash": arch.arch_hash(), "pattern": arch.pattern(),
         "d_model": arch.d_model, "n_layers": len(arch.layers), "params": n_params,
-        "n_sal": len(sals),
-        "sal_capacity": first.capacity if first else 0.0,
-        "sal_window": (first.window or 0) if first else 0,
-        "sal_kv": first.kv if first else "",
-        "sal_positional": first.positional if first else "",
-        "sal_temperature": first.temperature if first else 0.0,
-        "sal_inference": first.inference if first else "",
-        "sal_budget_weight": first.budget_weight if first else 0.0,
-        "mamba2_d_state": next((l.config.d_state for l in arch.layers if l.block == "mamba2"), 0),
+        **block_hparams(arch),
         "data": data_name, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
         "steps": cfg.total_steps(), "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
     }
@@ -84,8 +107,9 @@ class Tracker:
     def _write_hparams(self, hparams: dict) -> None:
         from torch.utils.tensorboard.summary import hparams as hp_summary
 
-        assert set(hparams) == set(HPARAM_KEYS), sorted(set(hparams) ^ set(HPARAM_KEYS))
-        exp, ssi, sei = hp_summary(hparams, {k: math.nan for k in METRIC_KEYS})
+        keys = hparam_keys()
+        assert set(hparams) == set(keys), sorted(set(hparams) ^ set(keys))
+        exp, ssi, sei = hp_summary(hparams, {k: math.nan for k in metric_keys()})
         for summary in (exp, ssi, sei):
             self.writer.file_writer.add_summary(summary)
 
@@ -95,6 +119,14 @@ class Tracker:
             self.writer.add_scalar(key, value, step)
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self.jsonl.flush()
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        """A distribution (any shape, flattened) at `step`: TensorBoard's Histograms tab."""
+        import torch
+
+        values = torch.as_tensor(values).detach().float().flatten().cpu()
+        if values.numel():
+            self.writer.add_histogram(tag, values, step)
 
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text.replace("\n", "  \n"))

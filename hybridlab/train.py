@@ -156,16 +156,20 @@ class _StopRequest:
         self._old = {}
 
 
-def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
-    """Train until cfg.total_steps() (or `stop_after` more steps). Returns a summary dict."""
+def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=None) -> dict:
+    """Train until cfg.total_steps() (or `stop_after` more steps). Returns a summary dict.
+
+    warn(lines): what to do with the blocks' warnings at each validation (e.g. a block that is
+    effectively off); default: one line each on stderr, quiet or not."""
     import torch
 
     from hybridlab.data import make_dataset
 
-    from .evaluate import validation_metrics
+    from .diagnostics import print_warnings, progress_text, training_summary
     from .model import HybridLM
     from .progress import Progress
-    from .tracking import Tracker, hparams_for, provenance
+    from .tracking import Tracker, block_metric_keys, hparams_for, provenance
+    from .validation import validate
 
     cfg, arch = run.cfg, run.arch
     torch.manual_seed(cfg.seed)
@@ -215,10 +219,17 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
         return ckpt_io.save_checkpoint(ckpt_root, at_step, model, state, run.config_yaml(), cfg.keep_checkpoints)
 
     def evaluate(at_step: int) -> dict:
-        metrics = validation_metrics(model, dataset, cfg.batch_size, cfg.eval_batches, device, amp)
+        v = validate(model, dataset, cfg.batch_size, cfg.eval_batches, device, amp)
+        metrics = v.scalars
+        hparam_metrics = {key: metrics.get(source, math.nan) for key, source in block_metric_keys().items()}
         tracker.log(at_step, {**metrics, "hparam/val_loss": metrics["val/loss"], "hparam/val_ppl": metrics["val/ppl"],
-                              "hparam/recall_acc": metrics.get("val/acc", math.nan),
-                              "hparam/eval_selected_frac": metrics.get("val/selected_frac", math.nan)})
+                              "hparam/recall_acc": metrics.get("val/acc", math.nan), **hparam_metrics})
+        for tag, values in v.histograms.items():
+            tracker.histogram(tag, values, at_step)
+        if v.warnings:
+            if bar:
+                bar.clear()
+            (warn or print_warnings)(v.warnings)
         return metrics
 
     end = total if stop_after is None else min(total, step + stop_after)
@@ -226,7 +237,7 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
     bar = None if quiet else Progress(total, start=step)
     tokens_per_step = cfg.batch_size * dataset.seq_len
     t_last, steps_since, loss_ema, last_metrics = time.perf_counter(), 0, None, {}
-    selected = math.nan  # mean selected share over the SALs at the last logged step
+    blocks_summary = training_summary({})  # the blocks' summarised metrics at the last logged step
     tok_s = 0.0
     model.train()
     try:
@@ -264,10 +275,9 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
                            "hparam/train_loss": loss_ema, "hparam/tokens_per_s": tok_s}
                 scalars.update({f"blocks/{k}": v.item() for k, v in out.metrics.items()})
                 tracker.log(step, scalars)
-                fracs = [v.item() for k, v in out.metrics.items() if k.endswith("selected_frac")]
-                selected = sum(fracs) / len(fracs) if fracs else math.nan
+                blocks_summary = training_summary(out.metrics)
                 if bar:
-                    bar.update(step, loss_ema, tok_s, f"sel {selected:.3f}" if fracs else "")
+                    bar.update(step, loss_ema, tok_s, progress_text(blocks_summary))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 last_metrics = evaluate(step)
                 model.train()
@@ -292,7 +302,7 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False) -> dict:
     save(step)
     tracker.close()
     summary = {"run_dir": str(run.run_dir), "step": step, "train_loss": loss_ema, "tokens_per_s": tok_s,
-               "selected_frac": selected, **last_metrics}
+               **blocks_summary, **last_metrics}
     if not quiet:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last_metrics.items())
         print(f"done: step {step}/{total} in {run.run_dir}" + (f"; {shown}" if shown else ""))

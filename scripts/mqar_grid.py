@@ -24,9 +24,10 @@ is still reported, marked "cut". Results: OUT/summary.json, OUT/summary.md, stdo
 OUT/results.tgz (suites, logs, metrics.jsonl; no checkpoints) to copy off a machine that returns
 only a few files.
 
-"SAL off" is val/acc_sal_off: the held-out accuracy with every SAL selecting nothing; "answers
-sel." is val/answer_selected_frac: the share of answer positions (the queried keys) the SALs
-select, beside "val share", the share of all tokens.
+"SAL off" is val/acc_off: the held-out accuracy with every block that can be turned off (the
+SALs: selecting nothing) off; runs logged before that key was named read val/acc_sal_off.
+"answers sel." is val/answer_selected_frac: the share of answer positions (the queried keys) the
+SALs select, beside "val share", the share of all tokens.
 """
 from __future__ import annotations
 
@@ -273,7 +274,7 @@ def table(rows: list[dict]) -> str:
         cells = [r["setting"], r["variant"], r["status"], fmt(r["params"]), f"{r['steps']}/{r['steps_total']}",
                  fmt(r["wall_s"], 0), fmt(r.get("steps_per_s"), 1), fmt(r.get("eval_step")),
                  fmt(e.get("val/acc")), *[fmt(e.get(k)) for k in kv], fmt(e.get("val/acc_first")),
-                 fmt(e.get("val/acc_sal_off")),
+                 fmt(e.get("val/acc_off", e.get("val/acc_sal_off"))),
                  fmt(e.get("val/selected_frac")), fmt(e.get("val/answer_selected_frac")),
                  fmt(r.get("train_share")), fmt(e.get("val/loss")), best]
         lines.append("| " + " | ".join(cells) + " |")

@@ -34,8 +34,20 @@ def test_eval_writes_metrics_curve_plot_and_tensorboard(tmp_path):
     assert (out / "ppl_vs_context.png").stat().st_size > 1000
     acc = EventAccumulator(str(run.run_dir))
     acc.Reload()
-    assert {"eval/ppl_vs_context", "eval/loss", "eval/decode_ms_per_token_vs_context"} <= set(acc.Tags()["scalars"])
+    assert {"eval/ppl_vs_context", "eval/loss", "eval/decode_ms_per_token_vs_context", "eval/loss_off",
+            "blocks/layers.2.sal/eval_selected_frac"} <= set(acc.Tags()["scalars"])
     assert "eval/ppl_vs_context" in acc.Tags()["images"]
+    assert "blocks/layers.2.sal/p_select" in acc.Tags()["histograms"]
+    # the SAL's diagnostics: training share (last logged), inference share, off alone
+    sal = results["blocks"]["layers.2.sal"]
+    assert sal["training_step"] == 3 and 0 <= sal["training"]["selected_frac"] <= 1
+    assert 0 <= sal["validation"]["eval_selected_frac"] <= 1
+    hist = sal["histograms"]["p_select"]  # P(select) of every validation token: 2 batches of 4 x 32
+    assert sum(hist["counts"]) == 2 * 4 * 32 and 0 <= hist["min"] <= hist["median"] <= hist["max"] <= 1
+    assert sal["off_alone"]["loss"] == results["validation"]["val/loss_off"]  # the only SAL
+    assert "layers.2.sal" in r.stdout and "turned off" in r.stdout
+    assert results["selection_page"] == "selection.html"
+    assert "<section id='layers.2.sal'>" in (out / "selection.html").read_text()
 
 
 def test_eval_on_a_recall_task_reports_accuracy_per_difficulty(tmp_path):
@@ -46,6 +58,7 @@ def test_eval_on_a_recall_task_reports_accuracy_per_difficulty(tmp_path):
     r = hl("eval", str(run.run_dir), "--batches", "1", "--max-factor", "2", "--contexts", "32")
     assert r.returncode == 0, r.stderr
     assert "recall accuracy kv=4" in r.stdout and "answer accuracy" in r.stdout
+    assert "with every block that can be turned off, off" in r.stdout and "eval_answer_selected_frac" in r.stdout
 
 
 def test_bench_model_runs_on_cpu(tmp_path):
@@ -75,7 +88,7 @@ def test_mamba2_block_benchmark_runs_at_tiny_shape():
 def test_first_answer_accuracy_counts_each_sequences_first_target_only():
     import torch
 
-    from hybridlab.evaluate import _loss_and_hits
+    from hybridlab.validation import _loss_and_hits
 
     V = 5
     targets = torch.full((3, 6), -100)
@@ -89,68 +102,3 @@ def test_first_answer_accuracy_counts_each_sequences_first_target_only():
     _, hits, count, first_hits, firsts = _loss_and_hits(logits, targets)
     assert (hits, count) == (3, 5)
     assert (first_hits, firsts) == (1, 2)
-
-
-def test_sal_off_accuracy_is_the_model_with_no_token_selected():
-    from hybridlab.data import make_dataset
-    from hybridlab.evaluate import group_metrics, sals_off, validation_metrics
-    from hybridlab.graph import parse_arch
-    from hybridlab.model import HybridLM
-    from tests.helpers import D_MODEL
-
-    torch.manual_seed(0)
-    arch = parse_arch({"name": "t", "d_model": D_MODEL, "vocab_size": 32, "pattern": "M S",
-                       "defaults": {"mamba2": {"d_state": 8, "headdim": 16, "chunk_size": 16},
-                                    "sal": {"head_dim": 16, "window": 16, "capacity": 0.5}}})
-    model = HybridLM(arch)
-    sal = model.layers[1]
-    with torch.no_grad():  # a gate that selects every token, an attention that matters
-        sal.gate.bias.copy_(torch.tensor([-10.0, 10.0]))
-        sal.attn.wo.weight.normal_(0, 1.0)
-    ds = make_dataset({"task": "mqar", "num_kv_pairs": 2, "vocab_size": 32, "eval_examples": 32}, 16)
-    val = validation_metrics(model, ds, 8, 2, torch.device("cpu"))
-    assert "val/acc_sal_off" in val and val["blocks/layers.1.sal/eval_selected_frac"] == 1.0
-    with torch.no_grad():  # the same model with the gate forced shut gives the same accuracy
-        sal.gate.bias.copy_(torch.tensor([10.0, -10.0]))
-    shut = group_metrics(model, ds.eval_batches(8, 2), torch.device("cpu"))
-    assert val["val/acc_sal_off"] == pytest.approx(shut["acc"])
-    assert "infer_select" not in sal.__dict__  # the class's method again
-    with sals_off(model) as off:
-        assert off.sals == [sal]
-
-
-def test_answer_selected_share_counts_the_answer_positions_the_gate_picks():
-    from hybridlab.data import make_dataset
-    from hybridlab.evaluate import group_metrics, record_selection, sals_off, validation_metrics
-    from hybridlab.graph import parse_arch
-    from hybridlab.model import HybridLM
-    from tests.helpers import D_MODEL
-
-    torch.manual_seed(0)
-    arch = parse_arch({"name": "t", "d_model": D_MODEL, "vocab_size": 32, "pattern": "M S",
-                       "defaults": {"mamba2": {"d_state": 8, "headdim": 16, "chunk_size": 16},
-                                    "sal": {"head_dim": 16, "window": 16, "capacity": 0.5}}})
-    model = HybridLM(arch).eval()  # inference selection, the rule replaced below
-    sal = model.layers[1]
-    ds = make_dataset({"task": "mqar", "num_kv_pairs": 2, "vocab_size": 32, "eval_examples": 32}, 16)
-    # a rule that selects every third position: the share of answers it picks is known exactly
-    # (not every second: MQAR's queried keys all sit at even positions)
-    sal.infer_select = lambda s: (torch.arange(s.shape[-2]) % 3 == 0).expand(s.shape[:-1])
-    targets = torch.cat([t for _, t in ds.eval_batches(8, 2)])
-    answer = targets != -100
-    expected = (answer[:, 0::3].sum() / answer.sum()).item()
-    assert 0 < expected < 1  # answers fall on and off the rule, so the check has teeth
-    g = group_metrics(model, ds.eval_batches(8, 2), torch.device("cpu"))
-    assert g["answers_selected"]["layers.1.sal"] == pytest.approx(expected)
-    assert g["selected"]["layers.1.sal"] == pytest.approx(6 / 16)  # positions 0, 3, ..., 15
-    val = validation_metrics(model, ds, 8, 2, torch.device("cpu"))
-    assert val["blocks/layers.1.sal/eval_answer_selected_frac"] == pytest.approx(expected)
-    assert val["val/answer_selected_frac"] == pytest.approx(expected)
-    assert "infer_select" in sal.__dict__  # the override outlives the recording
-    del sal.infer_select
-    with sals_off(model):  # nested under an override, the recorder sees what it selects
-        assert group_metrics(model, ds.eval_batches(8, 2), torch.device("cpu"))["answers_selected"] == {
-            "layers.1.sal": 0.0}
-    assert "infer_select" not in sal.__dict__
-    with record_selection(model) as rec:
-        assert list(rec.scopes.values()) == ["layers.1.sal"]

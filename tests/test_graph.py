@@ -105,8 +105,12 @@ def _is_suite(path):
     return "suite" in (yaml.safe_load(path.read_text()) or {})
 
 
+def _is_grid(path):  # scripts/mqar_grid.py's input (tests/test_mqar_grid.py parses those)
+    return "settings" in (yaml.safe_load(path.read_text()) or {})
+
+
 ALL_YAML = sorted(Path(__file__).parent.parent.joinpath("experiments").rglob("*.yaml"))
-EXPERIMENTS = [p for p in ALL_YAML if not _is_suite(p)]
+EXPERIMENTS = [p for p in ALL_YAML if not _is_suite(p) and not _is_grid(p)]
 SUITES = [p for p in ALL_YAML if _is_suite(p)]
 SIZES = {"190m": 190e6, "450m": 450e6, "1.3b": 1.3e9}
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-GRIDS = sorted((REPO / "scripts").glob("mqar_grid*.yaml"))
+GRIDS = sorted((REPO / "scripts").glob("mqar_grid*.yaml")) + sorted((REPO / "experiments" / "grids").glob("mqar-*.yaml"))
 
 
 def _grid(args, tmp_path):
@@ -56,4 +56,7 @@ def test_tiny_grid_runs_and_summarises(tmp_path):
     assert row["steps"] == 4
     assert row["eval_step"] == 4 and 0.0 <= row["eval"]["val/acc"] <= 1.0
     assert 0.0 <= row["eval"]["val/selected_frac"] <= 1.0
+    assert 0.0 <= row["eval"]["val/acc_off"] <= 1.0  # the "SAL off" column
+    head, cells = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ")][:2]
+    assert cells[head.index("SAL off")] == f"{row['eval']['val/acc_off']:.3f}"
     assert "| t | sal | done |" in r.stdout

@@ -20,7 +20,7 @@ def test_straight_through_gradient_reaches_gate():
         assert set(m.unique().tolist()) <= {0.0, 1.0}  # forward is hard 0/1
         if detach_m:
             m = m.detach()
-        out = block.refine(h, o, s, m, m.detach() > 0.5)
+        out = block.refine(h, o, torch.softmax(s, -1)[..., 1], m, m.detach() > 0.5)
         (g,) = torch.autograd.grad((out * o).sum(), s)
         return g
 
@@ -86,7 +86,7 @@ def test_gate_init_aims_at_capacity(temperature):
 
 
 def test_eval_selection_is_deterministic_threshold():
-    block = open_sal_gate(tiny_block("sal")).eval()
+    block = open_sal_gate(tiny_block("sal", inference="threshold")).eval()
     x = torch.randn(2, 15, D_MODEL)
     s = block.gate(block.norm(x))
     m = block.select(s)
@@ -103,8 +103,9 @@ def test_unselected_tokens_only_get_the_swiglu():
     torch.testing.assert_close(block(x), expected)
 
 
-def test_selected_token_is_interpolated_with_attention_output():
-    block = tiny_block("sal").eval()
+@pytest.mark.parametrize("refine", ["interpolate", "residual"])
+def test_selected_token_takes_the_attention_output(refine):
+    block = tiny_block("sal", refine=refine).eval()
     with torch.no_grad():
         block.gate.weight.zero_()
         block.gate.bias.copy_(torch.tensor([0.0, 2.0]))  # select everything, a = sigmoid(2)
@@ -112,7 +113,7 @@ def test_selected_token_is_interpolated_with_attention_output():
     u = block.norm(x)
     o = block.attn(u, q_mask=torch.ones(1, 9, dtype=torch.bool))
     a = torch.sigmoid(torch.tensor(2.0))
-    h = (1 - a) * x + a * o  # Eq. 5
+    h = (1 - a) * x + a * o if refine == "interpolate" else x + a * o  # Eq. 5, or its residual form
     torch.testing.assert_close(block(x), h + block.mlp(block.mlp_norm(h)), atol=1e-5, rtol=1e-5)
 
 
@@ -132,7 +133,7 @@ def test_calibrated_inference_selects_about_capacity():
         block(x, aux)
     assert abs(aux.metrics["block/selected_frac"].item() - C) < 0.03
     assert "select_threshold" in block.state_dict()
-    assert "select_threshold" not in tiny_block("sal").state_dict()  # other modes: no new state
+    assert "select_threshold" not in tiny_block("sal", inference="threshold").state_dict()  # no new state
 
 
 def test_topk_inference_is_forward_only():
@@ -159,26 +160,103 @@ class _Fixed(torch.nn.Module):
         return self.s
 
 
-def test_gate_grad_all_reaches_unselected_tokens_with_the_same_forward():
+def _signal_run(block, x, seed=5):
+    """Forward + backward of one training step with the gate's logits as a leaf: -> (output,
+    d out / d logits, d out / d x, d out / d the attention's weights, the selection)."""
+    s = block.gate(block.norm(x)).float().detach().requires_grad_()
+    block.gate = _Fixed(s)  # read the gradient on the logits
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = block(x, Aux())
+    gs, gx, gw = torch.autograd.grad(y.pow(2).sum(), (s, x, block.attn.wqkv.weight))
+    torch.manual_seed(seed)
+    m = block.select(s.detach())
+    return y.detach(), gs, gx, gw, m
+
+
+def _signal_blocks(*signals, **kw):
     torch.manual_seed(0)
-    dense = open_sal_gate(tiny_block("sal", gate_grad="all"), scale=0.3).train()  # unsaturated
-    sparse = tiny_block("sal").train()
-    sparse.load_state_dict(dense.state_dict())
+    first = open_sal_gate(tiny_block("sal", signal=signals[0], **kw), scale=0.3).train()  # unsaturated
+    blocks = [first]
+    for sig in signals[1:]:
+        b = tiny_block("sal", signal=sig, **kw).train()
+        b.load_state_dict(first.state_dict())
+        blocks.append(b)
+    return blocks
+
+
+@pytest.mark.parametrize("refine", ["interpolate", "residual"])
+def test_signals_all_and_dense_reach_unselected_gates_with_the_same_forward(refine):
     x = torch.randn(2, 16, D_MODEL)
-    grads, outs = [], []
-    for block in (dense, sparse):
-        s = block.gate(block.norm(x)).float().detach().requires_grad_()
-        block.gate = _Fixed(s)  # read the gradient on the logits
-        torch.manual_seed(5)
-        y = block(x, Aux())
-        (g,) = torch.autograd.grad(y.pow(2).sum(), s)
-        outs.append(y.detach())
-        torch.manual_seed(5)
-        m = block.select(s.detach())
-        grads.append(g[m == 0].abs().sum(-1))  # unselected tokens: only the budget loss...
-    torch.testing.assert_close(outs[0], outs[1])
-    assert (grads[1] < 1e-6).all()  # ...in the paper's mode (no Aux loss here: zero)
-    assert (grads[0] > 0).all()  # with gate_grad: all, what selecting them would change
+    runs = [_signal_run(b, x) for b in _signal_blocks("selected", "all", "dense", refine=refine)]
+    (y0, gs0, _, gw0, m), (y1, gs1, gx1, gw1, _), (y2, gs2, gx2, gw2, _) = runs
+    assert 0 < m.mean() < 1
+    torch.testing.assert_close(y0, y1)
+    torch.testing.assert_close(y0, y2)  # the forward does not change with the signal
+    unsel = m == 0
+    assert (gs0[unsel].abs().sum(-1) < 1e-6).all()  # the paper's reading: the budget loss alone
+    assert (gs1[unsel].abs().sum(-1) > 0).all()  # all: what selecting them would change
+    torch.testing.assert_close(gs1, gs2)  # dense gives the gates the same signal as all ...
+    torch.testing.assert_close(gx1, gx2)  # ... and the residual stream the same gradient,
+    assert (gw2 - gw1).abs().max() > 1e-4  # while the attention also learns at unselected tokens
+    torch.testing.assert_close(gw0, gw1)  # (all: the attention learns only where selected)
+
+
+def test_dense_attention_signal_is_the_gradient_it_would_get_if_selected():
+    """At an unselected token, dense trains the attention with sg(a) * d loss / d y: the
+    gradient a block whose gate had picked that token would give it (residual form)."""
+    torch.manual_seed(0)
+    block = tiny_block("sal", signal="dense").train()
+    with torch.no_grad():
+        block.gate.weight.zero_()
+        block.gate.bias.copy_(torch.tensor([1.0, -1.0]))  # a = sigmoid(-2)
+        block.mlp.w_down.weight.zero_()  # y = the refined h: d loss / d y is what the SAL sees
+    block.select = lambda s: torch.zeros(s.shape[:-1])  # and picks nothing
+    x = torch.randn(1, 12, D_MODEL)
+    y = block(x, Aux())
+    assert torch.equal(y, x)  # forward: no attention
+    g = 2 * y.detach()  # d (y^2).sum() / d y, held fixed: the linear signal
+    (gw,) = torch.autograd.grad((y * g).sum(), block.attn.wqkv.weight)
+    a = torch.sigmoid(torch.tensor(-2.0))
+    h = x.detach()
+    o = block.attn(block.norm(h), q_mask=torch.ones(1, 12, dtype=torch.bool))
+    (expected,) = torch.autograd.grad((a * o * g).sum(), block.attn.wqkv.weight)
+    torch.testing.assert_close(gw, expected, rtol=1e-4, atol=1e-7)
+    assert expected.abs().max() > 1e-3
+
+
+def test_explore_selects_a_random_share_more_in_training_only():
+    x = torch.randn(4, 64, D_MODEL)
+    explore, plain = _signal_blocks("explore", "selected")
+    y0, gs0, _, _, m = _signal_run(plain, x)
+    y1, gs1, _, _, _ = _signal_run(explore, x)
+    assert not torch.allclose(y0, y1)  # explored tokens take their attention output
+    unsel = m == 0
+    reached = gs1[unsel].abs().sum(-1) > 0  # the explored ones: straight-through gradient
+    assert 0.03 < reached.float().mean() < 0.2  # about the explore share (0.1) of them
+    torch.manual_seed(0)
+    every = tiny_block("sal", signal="explore", explore=1.0).train()
+    aux = Aux()
+    with torch.no_grad():
+        out = every(x, aux)
+        ones = torch.ones(4, 64, dtype=torch.bool)
+        u = every.norm(x)
+        a = torch.softmax(every.gate(u).float(), -1)[..., 1]
+        h = x + a[..., None] * every.attn(u, q_mask=ones)
+    torch.testing.assert_close(out, h + every.mlp(every.mlp_norm(h)), atol=1e-5, rtol=1e-5)
+    assert aux.metrics["block/selected_frac"] < 0.4  # the budget counts the gate's own picks
+    every.eval()
+    with torch.no_grad():
+        assert every.select(every.gate(every.norm(x)).float()).mean() < 0.5  # eval: no exploring
+
+
+def test_runs_saved_with_gate_grad_load_as_trained():
+    from hybridlab.blocks.sal import SALConfig
+
+    old = SALConfig.from_dict({**TINY_SAL, "gate_grad": "all", "inference": "threshold"}, D_MODEL)
+    assert (old.signal, old.refine, old.inference) == ("all", "interpolate", "threshold")
+    new = SALConfig.from_dict(TINY_SAL, D_MODEL)
+    assert (new.signal, new.refine, new.inference) == ("explore", "residual", "calibrated")
 
 
 def test_capacity_curriculum_schedule():

@@ -25,11 +25,11 @@ def swept(tmp_path_factory):
         "training.lr": [3.0e-3, 1.0e+6]})
     real = objective._train
 
-    def fake(run):
+    def fake(run, warn=None):
         n = _trial_number(run)
         if n == 1:
             raise RuntimeError("boom from the test")
-        summary = real(run)
+        summary = real(run, warn)
         if n == 2:
             summary["val/loss"] = math.nan
         return summary

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from hybridlab.tracking import HPARAM_KEYS, METRIC_KEYS
+from hybridlab.tracking import hparam_keys, metric_keys
 from hybridlab.train import prepare, train
 from tests.runs_helpers import write_arch
 
@@ -31,8 +31,13 @@ def test_event_files_hold_expected_tags(two_runs):
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/ppl",
                 "blocks/layers.2.sal/selected_frac", "blocks/layers.2.sal/budget_loss",
-                "hparam/val_loss", "hparam/train_loss"):
+                "hparam/val_loss", "hparam/train_loss", "hparam/eval_selected_frac",
+                "blocks/layers.2.sal/eval_selected_frac", "val/selected_frac", "val/loss_off", "val/ppl_off"):
         assert tag in tags, tag
+    # P(select) at each validation (steps 2 and 4; the accumulator keeps one histogram unless told)
+    hist = EventAccumulator(str(two_runs / "a"), size_guidance={"histograms": 0})
+    hist.Reload()
+    assert [e.step for e in hist.Histograms("blocks/layers.2.sal/p_select")] == [2, 4]
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert "config/text_summary" in acc.Tags()["tensors"] or any("config" in t for t in acc.Tags()["tensors"])
     meta = json.loads((two_runs / "a" / "meta.json").read_text())
@@ -69,8 +74,8 @@ def test_tensorboard_server_lists_runs_and_hparams(two_runs):
         exp = json.load(urllib.request.urlopen(req, timeout=10))
         names = {h["name"] for h in exp["hparamInfos"]}
         metrics = {m["name"]["tag"] for m in exp["metricInfos"]}
-        assert names == set(HPARAM_KEYS)
-        assert set(METRIC_KEYS) <= metrics
+        assert names == set(hparam_keys())
+        assert set(metric_keys()) <= metrics
         req = urllib.request.Request(f"{base}/data/plugin/hparams/session_groups",
                                      data=json.dumps({"experimentName": "", "allowedStatuses": [
                                          "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],

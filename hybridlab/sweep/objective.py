@@ -11,6 +11,7 @@ import math
 import shutil
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -20,11 +21,11 @@ from .space import METRICS, SearchSpace
 ANALYTIC = ("params", "flops_per_token", "state_bytes")
 
 
-def _train(run) -> dict:
+def _train(run, warn=None) -> dict:
     """The training call, a seam for tests (monkeypatched to raise or return NaN)."""
     from hybridlab.train import train
 
-    return train(run, quiet=True)
+    return train(run, quiet=True, warn=warn)
 
 
 def analytic_metrics(space: SearchSpace, arch) -> dict:
@@ -139,6 +140,7 @@ class Objective:
             self.log(f"[trial {trial.number}] pruned: {reason}")
             raise optuna.TrialPruned(reason)
 
+        from hybridlab.diagnostics import print_warnings
         from hybridlab.train import prepare_new
 
         if run_dir.exists():  # a trial number is used once per study: a leftover of a deleted study
@@ -146,7 +148,8 @@ class Objective:
         training = {**training, "runs_dir": str(self.runs_dir), "run_name": run_dir.name}
         run = prepare_new(arch, training, {}, f"{space.source}: trial {trial.number}", space.base_dir)
         trial.set_user_attr("run_dir", str(run_dir))
-        summary = _train(run)
+        # the blocks' warnings at each validation (e.g. one effectively off), named by trial
+        summary = _train(run, warn=partial(print_warnings, prefix=f"[trial {trial.number}] "))
         metrics.update({"val_loss": summary.get("val/loss", math.nan), "val_ppl": summary.get("val/ppl", math.nan),
                         "recall_acc": summary.get("val/acc", math.nan), "train_loss": summary.get("train_loss", math.nan),
                         "tokens_per_s": summary.get("tokens_per_s", math.nan)})
