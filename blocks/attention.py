@@ -12,11 +12,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hybridlab.kernels import attention_by_position_ref, selective_attention, selective_attention_decode
+from hybridlab.kernels import attention_by_position, selective_attention, selective_attention_decode
 
 from .base import Block, BlockConfigMixin, avg_causal_context
 from .common import RMSNorm, apply_rope, init_linear, rope_angles
-from .config import Config, ConfigError, field, join_path
+from hybridlab.config import Config, ConfigError, field, join_path
 from .registry import register_block
 
 
@@ -117,7 +117,7 @@ class SelfAttention(nn.Module):
         k_valid = torch.cat([slot_pos >= 0, keep], dim=1)[:, None, :].repeat(1, T, 1)
         # a query always sees itself, also when its K/V is not cached (selected-only mode)
         k_valid[:, :, S:] |= torch.eye(T, dtype=torch.bool, device=x.device)
-        o = attention_by_position_ref(q, k_all, v_all, positions, k_pos, k_valid, self.window)
+        o = attention_by_position(q, k_all, v_all, positions, k_pos, k_valid, self.window)
         if q_mask is not None:
             o = o * q_mask[:, :, None, None].to(o.dtype)
         self._append(cache, k, v, positions, keep)
@@ -161,18 +161,22 @@ class SelfAttention(nn.Module):
         return self.wo(o.flatten(-2))
 
 
-@dataclass(frozen=True)
-class AttentionConfig(Config, BlockConfigMixin):
-    head_dim: int = field(64, "channels per head; heads = d_model / head_dim", ge=1)
-    n_kv_heads: Optional[int] = field(None, "K/V heads for GQA (null: as many as query heads)",
-                                      ge=1, nullable=True)
-    positional: str = field("rope", "positional encoding inside attention", choices=("rope", "none"))
-    rope_theta: float = field(10000.0, "RoPE base", gt=0)
+# The settings of a `SelfAttention`, for every config that builds one (attention, swa, sal).
+def head_dim_field():
+    return field(64, "channels per attention head; heads = d_model / head_dim", ge=1)
 
-    window = None  # full causal attention
 
-    def validate(self, d_model: int, path: str = "") -> None:
-        validate_heads(d_model, self.head_dim, self.n_kv_heads, path)
+def n_kv_heads_field():
+    return field(None, "K/V heads for GQA (null: as many as query heads)", ge=1, nullable=True)
+
+
+def rope_theta_field():
+    return field(10000.0, "RoPE base, when positional is rope", gt=0)
+
+
+class AttentionShape:
+    """Parameter count, projection FLOPs and cache size of a `SelfAttention`, from a config's
+    head_dim, n_kv_heads and window."""
 
     def kv_heads(self, d_model: int) -> int:
         return self.n_kv_heads or d_model // self.head_dim
@@ -180,6 +184,24 @@ class AttentionConfig(Config, BlockConfigMixin):
     def attn_params(self, d_model: int) -> int:
         qkv = d_model * (d_model + 2 * self.kv_heads(d_model) * self.head_dim)
         return qkv + d_model * d_model
+
+    def kv_cache_bytes(self, d_model: int, seq_len: int, dtype_bytes: int = 2) -> int:
+        """K and V of the tokens a decoding cache holds after seq_len (a window bounds them)."""
+        slots = seq_len if self.window is None else min(self.window, seq_len)
+        return 2 * slots * self.kv_heads(d_model) * self.head_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class AttentionConfig(Config, BlockConfigMixin, AttentionShape):
+    head_dim: int = head_dim_field()
+    n_kv_heads: Optional[int] = n_kv_heads_field()
+    positional: str = field("rope", "positional encoding inside attention", choices=("rope", "none"))
+    rope_theta: float = rope_theta_field()
+
+    window = None  # full causal attention
+
+    def validate(self, d_model: int, path: str = "") -> None:
+        validate_heads(d_model, self.head_dim, self.n_kv_heads, path)
 
     def num_params(self, d_model: int) -> int:
         return d_model + self.attn_params(d_model)
@@ -189,8 +211,7 @@ class AttentionConfig(Config, BlockConfigMixin):
         return float(2 * self.attn_params(d_model) + 4 * ctx * d_model)
 
     def state_bytes(self, d_model: int, seq_len: int, dtype_bytes: int = 2) -> int:
-        slots = seq_len if self.window is None else min(self.window, seq_len)
-        return 2 * slots * self.kv_heads(d_model) * self.head_dim * dtype_bytes
+        return self.kv_cache_bytes(d_model, seq_len, dtype_bytes)
 
     def describe(self) -> str:
         kv = f" kv={self.n_kv_heads}" if self.n_kv_heads else ""

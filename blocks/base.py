@@ -62,8 +62,8 @@ class Block(nn.Module):
 
     Inference (`step`, `prefill`) selects deterministically; both equal `forward` in eval mode.
 
-    Hooks the core (train, evaluate, tracking) calls for every block, so it never names a block
-    type; the defaults say "nothing to add":
+    Hooks the core (train, evaluate, tracking, sweep) calls for every block, so it never names a
+    block type; the defaults say "nothing to add":
 
     hparams(configs) -> dict          classmethod: this block type's HParams columns, from the
                                       configs of its layers in an architecture; with none, neutral
@@ -82,10 +82,14 @@ class Block(nn.Module):
     eval_report(scope, record) -> EvalReport
                                       metrics, histograms and warnings from what the block recorded
                                       over an evaluation at layer position `scope` (a TokenRecord)
+    placement: Placement | None       what placing this block type means in a sweep (the keys
+                                      BLOCK.period|offset|positions): which block type its layers
+                                      go after; None: a sweep cannot place it
     """
 
     hparam_metrics: tuple[str, ...] = ()
     summary_metrics: dict[str, str] = {}
+    placement: Placement | None = None
 
     def __init__(self, cfg, d_model: int, n_layers: int):
         super().__init__()
@@ -112,6 +116,18 @@ class Block(nn.Module):
 
     def eval_report(self, scope: str, record: "TokenRecord") -> "EvalReport":
         return EvalReport()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What placing a block type means in a sweep (`Block.placement`): the sweep takes the type's
+    layers out of the base architecture and puts one right after each chosen block of type
+    `after` (its anchors, numbered 1.. in layer order), configured like the base's first layer
+    of the type. `label` and `after_label` name the two types in messages ("SAL", "Mamba-2")."""
+
+    after: str  # a registered block name
+    label: str
+    after_label: str
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Layers shared by several blocks: RMSNorm, SwiGLU, rotary embeddings."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,12 +28,25 @@ def swiglu_width(d_model: int, mult: float, multiple_of: int) -> int:
 
 
 class SwiGLU(nn.Module):
-    """W2 (silu(W1 x) * W3 x), no biases (Shazeer 2020; Llama)."""
+    """W2 (silu(W1 x) * W3 x), no biases (Shazeer 2020; Llama).
 
-    def __init__(self, d_model: int, hidden: int):
+    Init: N(0, 0.02), the output projection scaled by 1/sqrt(2 n_layers) (GPT-2), so the
+    residual stream's variance does not grow with depth."""
+
+    def __init__(self, d_model: int, hidden: int, n_layers: int):
         super().__init__()
         self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)  # [W1; W3] in one matmul
         self.w_down = nn.Linear(hidden, d_model, bias=False)
+        init_linear(self.w_gate_up, 0.02)
+        init_linear(self.w_down, 0.02 / math.sqrt(2 * n_layers))
+
+    @staticmethod
+    def num_params(d_model: int, hidden: int) -> int:
+        return 3 * d_model * hidden
+
+    @staticmethod
+    def flops_per_token(d_model: int, hidden: int) -> float:
+        return float(6 * d_model * hidden)
 
     def forward(self, x):
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)

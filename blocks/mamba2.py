@@ -16,7 +16,7 @@ from hybridlab.kernels import causal_conv1d, causal_conv1d_update, gated_rms_nor
 
 from .base import Block, BlockConfigMixin
 from .common import RMSNorm, init_linear
-from .config import Config, ConfigError, field, join_path
+from hybridlab.config import Config, ConfigError, field, join_path
 from .registry import register_block
 
 

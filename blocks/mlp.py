@@ -1,13 +1,12 @@
 """SwiGLU MLP block: x + SwiGLU(RMSNorm(x))."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 from .base import Block, BlockConfigMixin
-from .common import RMSNorm, SwiGLU, init_linear, swiglu_width
-from .config import Config, field
+from .common import RMSNorm, SwiGLU, swiglu_width
+from hybridlab.config import Config, field
 from .registry import register_block
 
 
@@ -21,10 +20,10 @@ class MLPConfig(Config, BlockConfigMixin):
         return self.hidden or swiglu_width(d_model, self.mult, self.multiple_of)
 
     def num_params(self, d_model: int) -> int:
-        return d_model + 3 * d_model * self.width(d_model)
+        return d_model + SwiGLU.num_params(d_model, self.width(d_model))
 
     def flops_per_token(self, d_model: int, seq_len: int) -> float:
-        return float(6 * d_model * self.width(d_model))
+        return SwiGLU.flops_per_token(d_model, self.width(d_model))
 
     def state_bytes(self, d_model: int, seq_len: int, dtype_bytes: int = 2) -> int:
         return 0
@@ -38,9 +37,7 @@ class MLPBlock(Block):
     def __init__(self, cfg: MLPConfig, d_model: int, n_layers: int):
         super().__init__(cfg, d_model, n_layers)
         self.norm = RMSNorm(d_model)
-        self.mlp = SwiGLU(d_model, cfg.width(d_model))
-        init_linear(self.mlp.w_gate_up, 0.02)
-        init_linear(self.mlp.w_down, 0.02 / math.sqrt(2 * n_layers))
+        self.mlp = SwiGLU(d_model, cfg.width(d_model), n_layers)
 
     def forward(self, x, aux=None):
         return x + self.mlp(self.norm(x))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ConfigError, suggest
+from hybridlab.config import ConfigError, suggest
 
 
 @dataclass(frozen=True)

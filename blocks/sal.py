@@ -25,15 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SelfAttention, validate_heads
-from .base import Block, BlockConfigMixin, EvalReport, Recorder, avg_causal_context, override_method
+from .attention import (AttentionShape, SelfAttention, head_dim_field, n_kv_heads_field,
+                        rope_theta_field, validate_heads)
+from .base import (Block, BlockConfigMixin, EvalReport, Placement, Recorder, avg_causal_context,
+                   override_method)
 from .common import RMSNorm, SwiGLU, init_linear, swiglu_width
-from .config import Config, ConfigError, field, join_path
+from hybridlab.config import Config, ConfigError, field, join_path
 from .registry import register_block
 
 
 @dataclass(frozen=True)
-class SALConfig(Config, BlockConfigMixin):
+class SALConfig(Config, BlockConfigMixin, AttentionShape):
     capacity: float = field(0.15, "target share C of tokens the gate selects (Eq. 7)", gt=0, le=1)
     window: Optional[int] = field(2048, "attention window in original positions (null: unbounded)",
                                   ge=1, nullable=True)
@@ -43,10 +45,9 @@ class SALConfig(Config, BlockConfigMixin):
                     choices=("all", "selected"))
     positional: str = field("none", "positional encoding in the attention (paper: NoPE)",
                             choices=("none", "rope"))
-    rope_theta: float = field(10000.0, "RoPE base, when positional is rope", gt=0)
-    head_dim: int = field(64, "channels per attention head", ge=1)
-    n_kv_heads: Optional[int] = field(None, "K/V heads for GQA (null: as many as query heads)",
-                                      ge=1, nullable=True)
+    rope_theta: float = rope_theta_field()
+    head_dim: int = head_dim_field()
+    n_kv_heads: Optional[int] = n_kv_heads_field()
     gate: str = field("linear", "gate network G: Linear(d, 2), or a small MLP", choices=("linear", "mlp"))
     signal: str = field(
         "explore", "how the gate and the attention learn in training (forward at inference is the "
@@ -122,35 +123,33 @@ class SALConfig(Config, BlockConfigMixin):
         t = max(t, 0.0)
         return self.capacity_start + t * (self.capacity - self.capacity_start)
 
-    def kv_heads(self, d_model):
-        return self.n_kv_heads or d_model // self.head_dim
-
     def _gate_params(self, d_model):
         if self.gate == "linear":
             return 2 * d_model + 2
         hidden = max(d_model // 4, 8)
         return d_model * hidden + hidden + 2 * hidden + 2
 
+    def mlp_width(self, d_model: int) -> int:
+        return swiglu_width(d_model, self.mlp_mult, 64)
+
     def num_params(self, d_model: int) -> int:
-        attn = d_model * (d_model + 2 * self.kv_heads(d_model) * self.head_dim) + d_model * d_model
-        mlp = 3 * d_model * swiglu_width(d_model, self.mlp_mult, 64)
-        return 2 * d_model + self._gate_params(d_model) + attn + mlp
+        mlp = SwiGLU.num_params(d_model, self.mlp_width(d_model))
+        return 2 * d_model + self._gate_params(d_model) + self.attn_params(d_model) + mlp
 
     def flops_per_token(self, d_model: int, seq_len: int) -> float:
         # As implemented: projections run densely; the attention core runs for the C share of
         # queries, each over the keys in its window (a C share of them in selected-only mode).
-        proj = 2 * (d_model * (d_model + 2 * self.kv_heads(d_model) * self.head_dim) + d_model * d_model)
         ctx = avg_causal_context(seq_len, self.window)
         if self.kv == "selected":
             ctx *= self.capacity
         core = self.capacity * 4 * ctx * d_model
-        mlp = 6 * d_model * swiglu_width(d_model, self.mlp_mult, 64)
-        return float(2 * self._gate_params(d_model) + proj + core + mlp)
+        mlp = SwiGLU.flops_per_token(d_model, self.mlp_width(d_model))
+        return float(2 * self._gate_params(d_model) + 2 * self.attn_params(d_model) + core + mlp)
 
     def state_bytes(self, d_model: int, seq_len: int, dtype_bytes: int = 2) -> int:
         slots = seq_len if self.window is None else min(self.window, seq_len)
-        kv = 2 * slots * self.kv_heads(d_model) * self.head_dim * dtype_bytes
-        return kv + slots * 8  # + the original position of each slot (int64)
+        # + the original position of each slot (int64)
+        return self.kv_cache_bytes(d_model, seq_len, dtype_bytes) + slots * 8
 
     def describe(self) -> str:
         pe = "nope" if self.positional == "none" else "rope"
@@ -189,9 +188,7 @@ class SALBlock(Block):
         if cfg.zero_init:
             nn.init.zeros_(self.attn.wo.weight)
         self.mlp_norm = RMSNorm(d_model)
-        self.mlp = SwiGLU(d_model, swiglu_width(d_model, cfg.mlp_mult, 64))
-        init_linear(self.mlp.w_gate_up, 0.02)
-        init_linear(self.mlp.w_down, 0.02 / math.sqrt(2 * n_layers))
+        self.mlp = SwiGLU(d_model, cfg.mlp_width(d_model), n_layers)
 
     # EMA of the per-batch quantile with a time constant of ~10 steps: early in training the gate
     # scores every token within a few hundredths of the others while its bias still drifts, so a
@@ -380,3 +377,7 @@ class SALBlock(Block):
         elif share > 3 * capacity:
             report.warnings.append(f"{head}: far above its capacity")
         return report
+
+    # Taipan puts a SAL after Mamba-2 blocks (Sec. 3: one after every six); a sweep's sal.period,
+    # sal.offset and sal.positions choose which of the base's Mamba-2 blocks get one.
+    placement = Placement(after="mamba2", label="SAL", after_label="Mamba-2")

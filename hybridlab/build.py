@@ -61,11 +61,22 @@ def report(arch: Arch, seq_len: int) -> list[str]:
     return lines
 
 
+def check_training(arch_path: str) -> None:
+    """The YAML's `training:` section, checked as `hybridlab train` would (a bad one fails here)."""
+    import yaml
+
+    from .train_config import parse_training
+
+    raw = yaml.safe_load(Path(arch_path).read_text())  # load_arch read it already: valid YAML
+    parse_training(raw.get("training"), None, arch_path)
+
+
 def build(arch_path: str, out: str | None = None, seq_len: int = 4096, forward: bool = True,
           device: str | None = None) -> int:
     if seq_len < 1:
         raise UserError(f"--seq-len must be >= 1, got {seq_len}")
     arch = load_arch(arch_path)
+    check_training(arch_path)
     print("\n".join(report(arch, seq_len)))
     if not (forward or out):
         return 0
@@ -99,6 +110,8 @@ def build(arch_path: str, out: str | None = None, seq_len: int = 4096, forward: 
         from safetensors.torch import save_model
 
         out_dir = Path(out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out {out}: is a file; give a folder for arch.yaml and the weights")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "arch.yaml").write_text(arch.to_yaml())
         save_model(model.cpu(), str(out_dir / "model.safetensors"), metadata={"arch_hash": arch.arch_hash()})

@@ -48,21 +48,26 @@ def save_checkpoint(ckpt_root: Path, step: int, model, train_state: dict, config
     from safetensors.torch import save_model
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(ckpt_root)  # before writing: a disk filled by an earlier try gets its space back
     name = f"step_{step:07d}"
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(train_state, tmp / "state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-                for f in sorted(tmp.iterdir())}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(train_state, tmp / "state.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                    for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+    except OSError as e:  # disk full, read-only, ...: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{ckpt_root}: could not write checkpoint {name}: {e.strerror or e}") from None
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         trash = ckpt_root / f".trash-{name}-{os.getpid()}"
         os.replace(final, trash)
@@ -76,10 +81,27 @@ def save_checkpoint(ckpt_root: Path, step: int, model, train_state: dict, config
         trash = ckpt_root / f".trash-{old.name}-{os.getpid()}"
         os.replace(old, trash)
         shutil.rmtree(trash, ignore_errors=True)
-    for stale in ckpt_root.glob(".t*-step_*"):  # left by writers killed earlier
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale(ckpt_root)
     return final
+
+
+def _remove_stale(ckpt_root: Path) -> None:
+    """Folders and `latest` temporaries left by writers killed earlier (other processes)."""
+    for stale in list(ckpt_root.glob(".t*-step_*")) + list(ckpt_root.glob(".latest.tmp-*")):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+REQUIRED = ("model.safetensors", "state.pt", "config.yaml")  # what every manifest must list
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run folder holds a complete checkpoint (a final-named step folder)."""
+    root = Path(run_dir) / "checkpoints"
+    return root.is_dir() and any(p.is_dir() for p in root.glob("step_*"))
 
 
 def resolve(path: str | Path) -> Path:
@@ -111,6 +133,11 @@ def verify(ckpt: Path) -> dict:
         files = manifest["files"]
     except (ValueError, KeyError):
         raise UserError(f"{ckpt}: broken checkpoint: {MANIFEST} is not readable") from None
+    if not isinstance(files, dict):
+        raise UserError(f"{ckpt}: broken checkpoint: {MANIFEST} is not readable")
+    unlisted = [name for name in REQUIRED if name not in files]
+    if unlisted:  # a manifest that lists nothing must not wave tampered files through
+        raise UserError(f"{ckpt}: broken checkpoint: {MANIFEST} does not list {unlisted[0]}")
     for name, meta in files.items():
         f = ckpt / name
         if not f.exists():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_blocks(args) -> int:
@@ -30,7 +31,7 @@ def _cmd_build(args) -> int:
     from hybridlab.build import build
 
     return build(args.arch, out=args.out, seq_len=args.seq_len, forward=not args.no_forward,
-                 device=args.device)
+                 device=_device(args.device))
 
 
 def _overrides(args) -> dict:
@@ -67,8 +68,34 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        from hybridlab.errors import UserError
+
+        raise UserError(message)
+
+
+def _device(text: str | None) -> str | None:
+    """--device as torch reads it, checked here so a typo is one line, not a traceback."""
+    if text is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        _need(False, f"--device {text!r}: not a device; use cpu, cuda or cuda:N")
+    _need(device.type != "cuda" or torch.cuda.is_available(), f"--device {text}: no CUDA device here")
+    return text
+
+
 def _cmd_eval(args) -> int:
     from hybridlab.evaluate import run_eval
+
+    _need(args.batches >= 1, f"--batches must be >= 1, got {args.batches}")
+    _need(args.max_factor >= 1, f"--max-factor must be >= 1, got {args.max_factor}")
+    _need(args.time_budget > 0, f"--time-budget must be > 0, got {args.time_budget}")
+    args.device = _device(args.device)
 
     run_eval(args.checkpoint, out_dir=args.out, batches=args.batches, max_factor=args.max_factor,
              contexts=args.contexts, device=args.device, time_budget_s=args.time_budget, arch_path=args.arch)
@@ -83,7 +110,11 @@ def _cmd_generate(args) -> int:
     from hybridlab.generate import TextStream, generate
     from hybridlab.load import load_checkpoint
 
-    lo = load_checkpoint(args.checkpoint, args.device)
+    _need(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _need(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
+    _need(args.top_k >= 0, f"--top-k must be >= 0 (0: off), got {args.top_k}")
+    _need(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
+    lo = load_checkpoint(args.checkpoint, _device(args.device))
     dataset = make_dataset(lo.data_spec, lo.cfg.seq_len, path="training.data", base_dir=lo.base_dir)
     ids = dataset.encode(args.prompt)
     if not ids:
@@ -100,17 +131,17 @@ def _cmd_generate(args) -> int:
 
 def _cmd_bench(args) -> int:
     if args.what == "model":
-        from hybridlab.bench_model import bench_model
+        from hybridlab.benchmarks.model import bench_model
 
         if not args.arch:
             from hybridlab.errors import UserError
 
             raise UserError("bench model needs an architecture YAML")
         bench_model(args.arch, batch=args.batch, seq_len=args.seq_len, contexts=args.contexts,
-                    steps=args.steps, json_path=args.json, device=args.device, time_budget_s=args.time_budget,
+                    steps=args.steps, json_path=args.json, device=_device(args.device), time_budget_s=args.time_budget,
                     cuda_graph=args.cuda_graph)
         return 0
-    from hybridlab.bench_kernels import bench
+    from hybridlab.benchmarks.kernels import bench
 
     return bench(args.what, json_path=args.json)
 
@@ -127,6 +158,7 @@ def _cmd_report(args) -> int:
     from hybridlab.report import report
 
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    _need(not args.out or not Path(args.out).is_dir(), f"--out {args.out}: is a folder; give a file name")
     text = report(args.runs_dir, columns=columns, sort=args.sort)
     print(text)
     if args.out:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 
 
-def _snapshot(caches):
+def snapshot_caches(caches):
+    """A copy of every cache tensor and position, for `restore_caches`."""
     return [({k: v.clone() for k, v in c.items()}, getattr(c, "length", None)) for c in caches]
 
 
-def _restore(caches, snapshot):
+def restore_caches(caches, snapshot):
+    """Put caches back, in place, as `snapshot_caches` saw them."""
     for cache, (tensors, length) in zip(caches, snapshot):
         for key, value in tensors.items():
             cache[key].copy_(value)
@@ -34,18 +36,18 @@ class GraphedDecoder:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.caches = caches
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        saved = _snapshot(caches)
+        saved = snapshot_caches(caches)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():  # compile and autotune before capture
             for _ in range(warmup):
                 model.step(self.tokens, caches)
         torch.cuda.current_stream().wait_stream(side)
-        _restore(caches, saved)
+        restore_caches(caches, saved)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.logits = model.step(self.tokens, caches)
-        _restore(caches, saved)  # capture records kernels without running them; counters moved
+        restore_caches(caches, saved)  # capture records kernels without running them; counters moved
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         for cache in self.caches:  # the Python-side length of attention caches (capacity check)

@@ -1,7 +1,7 @@
 """Errors a user can fix. The CLI prints them as one line and exits 2, no traceback."""
 from __future__ import annotations
 
-from hybridlab.blocks.config import ConfigError
+from hybridlab.config import ConfigError
 
 __all__ = ["ConfigError", "UserError"]
 

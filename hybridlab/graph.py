@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import yaml
 
 from hybridlab.blocks import REGISTRY, block_for_code, get_block
-from hybridlab.blocks.config import Config, ConfigError, field, join_path, suggest
+from hybridlab.config import Config, ConfigError, field, join_path, suggest
 
 TOP_LEVEL = ("name", "description", "d_model", "vocab_size", "tie_embeddings", "norm_eps",
              "init_std", "defaults", "layers", "pattern", "training")  # training: see train_config.py
@@ -102,6 +103,20 @@ class Arch:
 
 # --------------------------------------------------------------------------- patterns
 
+# Bounds on what a YAML may expand to, checked before anything is multiplied or allocated, so a
+# hostile or mistyped file (an alias bomb, "M*999999999", d_model 10^9) fails in milliseconds with
+# a clear message instead of hanging or running out of memory. Raise them through the environment.
+MAX_LAYERS = int(os.environ.get("HYBRIDLAB_MAX_LAYERS", 4096))
+MAX_DEPTH = 32  # nesting of `body:` groups and pattern parentheses
+MAX_PARAMS = float(os.environ.get("HYBRIDLAB_MAX_PARAMS", 1e12))
+
+
+def _too_many(n: int, path: str) -> None:
+    if n > MAX_LAYERS:
+        raise ConfigError(path, f"expands to more than {MAX_LAYERS} layers "
+                                f"(the limit; raise it with HYBRIDLAB_MAX_LAYERS)")
+
+
 _TOKEN = re.compile(r"\s*(?:(?P<letter>[A-Za-z])|(?P<open>\()|(?P<close>\))|\*\s*(?P<times>\d+)|(?P<bad>\S))")
 
 
@@ -124,6 +139,8 @@ def parse_pattern(text: str, path: str) -> list[str]:
                 items = [tok.group("letter")]
                 pos += 1
             elif kind == "open":
+                if depth >= MAX_DEPTH:
+                    fail(f"groups nested deeper than {MAX_DEPTH}")
                 pos += 1
                 items = seq(depth + 1)
                 if pos >= len(tokens) or tokens[pos].lastgroup != "close":
@@ -143,9 +160,11 @@ def parse_pattern(text: str, path: str) -> list[str]:
                 n = int(tokens[pos].group("times"))
                 if n < 1:
                     fail("a repeat count must be >= 1")
+                _too_many(len(out) + len(items) * n, path)
                 items = items * n
                 pos += 1
             out.extend(items)
+            _too_many(len(out), path)
         return out
 
     letters = seq(0)
@@ -171,7 +190,9 @@ def _check_repeat(value, path) -> int:
     return value
 
 
-def _expand(items, path: str) -> list[_Raw]:
+def _expand(items, path: str, depth: int = 0) -> list[_Raw]:
+    if depth > MAX_DEPTH:
+        raise ConfigError(path, f"repeat groups nested deeper than {MAX_DEPTH}")
     if not isinstance(items, list):
         raise ConfigError(path, f"must be a list of layers, got {type(items).__name__}")
     if not items:
@@ -188,7 +209,8 @@ def _expand(items, path: str) -> list[_Raw]:
             if extra:
                 raise ConfigError(join_path(p, sorted(extra)[0]), "a repeat group takes only 'repeat' and 'body'")
             n = _check_repeat(item.get("repeat", 1), join_path(p, "repeat"))
-            body = _expand(item["body"], join_path(p, "body"))
+            body = _expand(item["body"], join_path(p, "body"), depth + 1)
+            _too_many(len(out) + n * len(body), join_path(p, "repeat"))
             named = [r.name for r in body if r.name]
             if n > 1 and named:
                 raise ConfigError(join_path(p, "body"), f"layer name {named[0]!r} would repeat {n} times; "
@@ -202,6 +224,7 @@ def _expand(items, path: str) -> list[_Raw]:
                 raise ConfigError(join_path(p, "pattern"), "must be a string of block letters")
             n = _check_repeat(item.get("repeat", 1), join_path(p, "repeat"))
             letters = parse_pattern(item["pattern"], join_path(p, "pattern"))
+            _too_many(len(out) + n * len(letters), join_path(p, "repeat"))
             out.extend(_Raw(block_for_code(c).name, {}, join_path(p, "pattern")) for _ in range(n) for c in letters)
         elif "block" in item:
             name = item["block"]
@@ -221,6 +244,7 @@ def _expand(items, path: str) -> list[_Raw]:
             if layer_name and n > 1:
                 raise ConfigError(join_path(p, "name"), f"layer name {layer_name!r} would repeat {n} times; "
                                                         "use 'share' on the copies")
+            _too_many(len(out) + n, join_path(p, "repeat"))
             out.extend(_Raw(name, overrides, p, layer_name, share) for _ in range(n))
         else:
             raise ConfigError(p, "a layer needs 'block', 'pattern', or 'repeat' with 'body'")
@@ -287,7 +311,19 @@ def _parse(data) -> Arch:
                 raise ConfigError(join_path(raw.path, "name"), f"layer name {raw.name!r} is used twice")
             named[raw.name] = spec
         layers.append(spec)
-    return Arch(model, tuple(layers))
+    arch = Arch(model, tuple(layers))
+    _check_size(arch)
+    return arch
+
+
+def _check_size(arch: Arch) -> None:
+    """Refuse, before anything is allocated, a model whose analytic size is past MAX_PARAMS."""
+    from .analysis import num_params  # analysis imports this module
+
+    n = num_params(arch)
+    if n > MAX_PARAMS:
+        raise ConfigError("d_model", f"the model would have {n:.3g} parameters, more than the limit "
+                                     f"{MAX_PARAMS:.3g} (raise it with HYBRIDLAB_MAX_PARAMS)")
 
 
 def load_arch(path: str | Path) -> Arch:

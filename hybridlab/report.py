@@ -38,8 +38,7 @@ def read_scalars(run_dir: Path) -> tuple[dict, int]:
                 e = acc.Scalars(tag)[-1]
                 if tag not in last or e.step >= last[tag][0]:
                     last[tag] = (e.step, e.value)
-        step = max((s for s, _ in last.values()), default=0)
-        return {k: v for k, (_, v) in last.items()}, step
+        return {k: v for k, (_, v) in last.items()}, training_step(last)
     path = run_dir / "metrics.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
@@ -47,6 +46,15 @@ def read_scalars(run_dir: Path) -> tuple[dict, int]:
             step = max(step, row.get("step", 0))
             last.update({k: v for k, v in row.items() if k != "step"})
     return last, step
+
+
+def training_step(last: dict) -> int:
+    """The run's training step: the last step of its train/ scalars. Not the largest step of any
+    tag: `hybridlab eval` logs figures against context length (eval/ppl_vs_context at 16384)."""
+    train = [s for tag, (s, _) in last.items() if tag.startswith("train/")]
+    if train:
+        return max(train)
+    return max((s for tag, (s, _) in last.items() if not tag.startswith("eval/")), default=0)
 
 
 def run_row(run_dir: Path, root: Path) -> dict:

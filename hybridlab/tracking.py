@@ -98,11 +98,26 @@ class Tracker:
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step drops events a killed run logged after its last checkpoint
-        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=resume_step)
+        # A resumed run drops what a killed run logged after its last checkpoint (step N): the
+        # events at N itself came before the checkpoint was written, so they stay.
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
+        if purge is not None:
+            self._truncate_jsonl(purge)
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
         if hparams is not None and resume_step is None:
             self._write_hparams(hparams)
+
+    def _truncate_jsonl(self, purge: int) -> None:
+        """Keep the rows logged before step `purge`, so a resumed run has one row per step."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) < purge]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
 
     def _write_hparams(self, hparams: dict) -> None:
         from torch.utils.tensorboard.summary import hparams as hp_summary

@@ -42,7 +42,13 @@ def prepare(arch_path: str | None = None, resume: str | None = None, overrides: 
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.exists():
             raise UserError(f"{run_dir}: not a run folder (no config.yaml)")
-        data = yaml.safe_load(cfg_path.read_text())
+        try:
+            data = yaml.safe_load(cfg_path.read_text())
+        except yaml.YAMLError:
+            data = None
+        if not isinstance(data, dict):
+            raise UserError(f"{cfg_path}: not a run's config (empty or not a mapping); the run "
+                            "folder is damaged")
         arch = parse_arch({k: v for k, v in data.items() if k != "training"}, str(cfg_path))
         if arch_path is not None and load_arch(arch_path).arch_hash() != arch.arch_hash():
             raise UserError(f"{arch_path}: is not the architecture of the run in {run_dir} "
@@ -62,11 +68,23 @@ def prepare_new(arch: Arch, training, overrides: dict, source: str, base_dir: Pa
     """A new run of `arch` with a raw `training:` mapping (plus overrides)."""
     cfg, data_spec = parse_training(training, overrides, source)
     name = cfg.run_name or f"{arch.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_run_name(name)
     run_dir = Path(cfg.runs_dir) / name
-    if (run_dir / "checkpoints").exists():
+    if ckpt_io.has_checkpoint(run_dir):
         raise UserError(f"{run_dir}: a run with checkpoints is already there; continue it with "
                         f"`hybridlab train --resume {run_dir}` or pick another run_name")
+    if (run_dir / "config.yaml").exists():
+        raise UserError(f"{run_dir}: a run that stopped before its first checkpoint is there; "
+                        f"`hybridlab train --resume {run_dir}` starts it over from step 0, or "
+                        "pick another run_name")
     return Run(arch, cfg, data_spec, run_dir, base_dir, False)
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one folder inside runs_dir: no separators, no '..', not absolute."""
+    if not name or name in (".", "..") or Path(name).name != name or "/" in name or "\\" in name:
+        raise ConfigError("training.run_name", f"must be a plain folder name (no '/', '..' or "
+                                               f"absolute path), got {name!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -188,6 +206,13 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
 
     step = 0
     ckpt_root = run.run_dir / "checkpoints"
+    restart = run.resume and not ckpt_io.has_checkpoint(run.run_dir)
+    if restart:  # stopped before its first checkpoint: nothing to continue, so start it over
+        if not quiet:
+            print(f"{run.run_dir} holds no checkpoint yet: starting it over from step 0")
+        for stale in [run.run_dir / "metrics.jsonl", *run.run_dir.glob("events.out.tfevents.*")]:
+            stale.unlink(missing_ok=True)
+        run.resume = False
     if run.resume:
         ckpt = ckpt_io.resolve(run.run_dir)
         ckpt_io.verify(ckpt)
@@ -206,6 +231,9 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
 
         meta = {"arch_hash": arch.arch_hash(), "params": model.num_params(), **provenance()}
         ckpt_io.write_atomic(run.run_dir / "meta.json", json.dumps(meta, indent=1))
+        if not quiet:
+            print(f"training {arch.name} ({model.num_params():,} parameters) in {run.run_dir} "
+                  f"(TensorBoard: tensorboard --logdir {run.run_dir.parent})", flush=True)
 
     hp = hparams_for(arch, cfg, dataset.name, model.num_params())
     tracker = Tracker(run.run_dir, hp, resume_step=step if run.resume else None)
@@ -226,6 +254,12 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
                               "hparam/recall_acc": metrics.get("val/acc", math.nan), **hparam_metrics})
         for tag, values in v.histograms.items():
             tracker.histogram(tag, values, at_step)
+        if not quiet:  # the held-out figures in the terminal too, not only in TensorBoard
+            if bar:
+                bar.clear()
+            print(f"step {at_step}: val/loss {metrics['val/loss']:.4f}, val/ppl {metrics['val/ppl']:.3f}"
+                  + (f", val/acc {metrics['val/acc']:.3f}" if "val/acc" in metrics else "")
+                  + f" ({cfg.eval_batches} batches of {cfg.batch_size})", flush=True)
         if v.warnings:
             if bar:
                 bar.clear()

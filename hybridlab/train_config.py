@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import yaml
 
-from hybridlab.blocks.config import Config, ConfigError, field, join_path
+from hybridlab.config import Config, ConfigError, field, join_path
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,9 @@ class TrainConfig(Config):
 def parse_training(raw: Any, overrides: dict[str, Any] | None = None, source: str | None = None):
     """-> (TrainConfig, data spec). `raw` is the YAML `training:` mapping (or None)."""
     try:
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError("training", f"must be a mapping of training settings, got {raw!r}")
         raw = dict(raw or {})
-        if not isinstance(raw, dict):
-            raise ConfigError("training", "must be a mapping of training settings")
         for key, value in (overrides or {}).items():
             raw[key] = value
         data = raw.pop("data", "default")

@@ -18,6 +18,7 @@ x/B/C out of the in-projection, so rows are usually not contiguous); all math is
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -111,8 +112,7 @@ def _dsilu_mul(dy, a, SILU: tl.constexpr):
 #
 # One fused kernel that recomputes dpre at t, t+1, .., t+k-1 per tile (reading x and dy once
 # from DRAM) keeps ~7 fp32 tiles live and issues 3k-1 shifted loads per tile: register-bound,
-# it measured 1.55 ms fwd+bwd at B8 L8192 D1792 on the H200 (1.98 on Mamba-2's strided slice)
-# against 1.04 (1.59) for this split (removed after that comparison; see the history):
+# it was slower than this split on the H200 (docs/measurements/README.md, second session):
 #
 #   A  (_conv_bwd_dpre_kernel): pre = bias + sum_j w_j x[t-(k-1)+j] (k shifted loads, masked at
 #      0 and at sequence boundaries as the forward), dpre = dy * silu'(pre), written to a
@@ -129,7 +129,7 @@ def _dsilu_mul(dy, a, SILU: tl.constexpr):
 # dy already comes in x's dtype. Storing it in that dtype (bf16/fp16) adds one rounding per
 # term of the k-term sum for dx, which is itself rounded to the same dtype: relative error about
 # 2x the unavoidable output rounding. dw and dbias use the fp32 dpre inside kernel A, so they
-# are unaffected. `_BWD_DPRE_LOWP = False` keeps the scratch in fp32 (for A/B checks).
+# are unaffected. `_BWD_DPRE_LOWP = False` (HYBRIDLAB_CONV_BWD_LOWP=0) keeps it in fp32.
 # Offsets: per-tile base pointers are formed in int64 (batch, row0); in-tile offsets are small.
 
 
@@ -381,9 +381,24 @@ def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
 
 
 # k <= 4 (Mamba-2's conv): the row-streaming kernels of `conv1d_rows_triton.py`, which read
-# each row once; HYBRIDLAB_CONV_ROWS=0 keeps the tiled kernels above (A/B timing, tests).
-_ROWS = os.environ.get("HYBRIDLAB_CONV_ROWS", "1") != "0"
-# Keep the dpre scratch in dy's dtype when that is bf16/fp16 (else fp32); False for A/B checks.
+# each row once (faster fwd+bwd than the tiles, most on Mamba-2's strided slice: numbers in
+# docs/measurements/README.md). False runs the tiled kernels above (tests, `row_kernels`).
+_ROWS = True
+
+
+@contextlib.contextmanager
+def row_kernels(enabled: bool):
+    """Within the block, k <= 4 runs the row-streaming kernels (True) or the tiled ones (False):
+    the rows-vs-tiles A/B in one process (scripts/gpu_profile.py)."""
+    global _ROWS
+    saved, _ROWS = _ROWS, enabled
+    try:
+        yield
+    finally:
+        _ROWS = saved
+
+
+# Keep the dpre scratch in dy's dtype when that is bf16/fp16 (else fp32); README, "Kernels".
 _BWD_DPRE_LOWP = os.environ.get("HYBRIDLAB_CONV_BWD_LOWP", "1") != "0"
 
 

@@ -43,7 +43,7 @@ def _configs(gpu):
 
 # (BLOCK_M, num_warps). ptxas (sm_90a, group 2048 wide) registers per thread: forward
 # 124 / 32 / 72 / 77, backward 53 / 111 / 112 / 188. The first is the default when autotuning
-# is off (forward (2, 4) measured 92% of the copy ceiling on the H200).
+# is off (the forward's (2, 4) runs near the copy ceiling: docs/measurements/README.md).
 def _fwd_configs():
     return _configs(((2, 4), (1, 8), (2, 8), (4, 16)))
 

@@ -86,9 +86,10 @@ def selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window=None, 
     return selective_attention_decode_ref(q, k_cache, v_cache, slot_pos, pos, window, scale)
 
 
-def attention_by_position_ref(q, k, v, q_pos, k_pos, k_valid, window=None, scale=None):
+def attention_by_position(q, k, v, q_pos, k_pos, k_valid, window=None, scale=None):
     """Attention where visibility comes from explicit positions: for prefilling a chunk of
     queries against a cache (ring-buffer slots in any order) plus the chunk's own keys.
+    The production path on every device (SDPA with an explicit mask; no Triton kernel yet).
 
     q (b, T, hq, d); k, v (b, S, hkv, d); q_pos (b, T); k_pos (b, S);
     k_valid (b, S) bool, or (b, T, S) for a validity per query.

@@ -28,8 +28,8 @@ How the work is laid out
   row's window (the window edge: one compare per score), keys past the first row's position
   but inside every row's window (the diagonal: one compare), the keys every query of the tile
   sees (no mask) in the middle, and, only when a tile spans nearly a whole window, keys that
-  can cross both edges (three compares). One-sided tests instead of both edges everywhere:
-  forward 0.269 -> 0.254 ms, dq 0.263 -> 0.252 ms on the H200 at the issue's shape.
+  can cross both edges (three compares). One-sided tests instead of both edges everywhere
+  are faster on the H200 (docs/measurements/README.md, fifth session).
 * Backward. dq: the same query-major loop. dk/dv: a key-major pass; a program owns BLOCK_N keys
   of one (batch, kv head) and loops over the compacted queries with position in
   [n0, n0 + BLOCK_N - 1 + window), found in O(1) from `rank`, for every query head of its GQA
@@ -79,17 +79,11 @@ def _configs(gpu_configs, interp_config):
 
 
 # (BLOCK_M queries, BLOCK_N keys, warps, stages[, register cap]); few on purpose: each is a
-# compile. Measured on the H200 (B4 L16384 H12 D64, window 2048, C = 0.15): the masked path
-# picks 64-query tiles (a 64-query tile spans fewer positions, so its key range wastes less),
-# the dense path 128-query tiles. The register caps buy occupancy (Nsight: the masked kernels
-# run 3 blocks of 4 warps per SM, latency-bound): fwd 64x64 capped at 128 registers 0.254 ->
-# 0.249 ms (8 bytes of stack in scripts/sm90_compile_check.py); dk/dv 16-query tiles capped at
-# 128 registers (4 blocks per SM) 0.591 ms (32x64 at 168) -> 0.546 ms (same call; uncapped
-# 16x64 runs 3 blocks, 0.723 ms). Tried and never picked there: 2 stages, 32-key dk/dv tiles,
-# 128-query dq tiles with 4 warps, 32-query fwd/dq tiles (not wgmma-sized: 2x slower), dk/dv
-# 16x128 with 8 warps, caps of 104-120 (they spill), forward 64x32 tiles at 80-96 registers
-# (5-6 blocks per SM, slower: occupancy is not the forward's limit). HYBRIDLAB_AUTOTUNE=0
-# runs each list's first config: dk/dv's is the masked path's pick, so GPU test runs cover it.
+# compile. The masked path picks 64-query tiles (they span fewer positions, so the key range
+# wastes less), the dense path 128-query tiles. The register caps buy occupancy for the
+# latency-bound masked kernels (dk/dv most). Timings, and the configs tried and dropped:
+# docs/measurements/README.md. HYBRIDLAB_AUTOTUNE=0 runs each list's first config: dk/dv's is
+# the masked path's pick, so GPU test runs cover it.
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3), (64, 32, 4, 4),
                 (64, 64, 4, 3, 128)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)]
@@ -584,8 +578,8 @@ def _sel_attn_decode(Q, KC, VC, SLOT_POS, POS, O,
 #   read twice (2 bytes a position, against the 8 bytes of rank + sel_pos written), so this
 #   runs at memory speed for any L, where the single pass would read L^2 / BLOCK bytes (64 MiB
 #   a row at L = 1M).
-# A sequential loop over L (one program per row, as before) costs ~L / BLOCK dependent steps
-# (0.029 ms at L = 16K on the H200) and leaves the GPU idle at batch 1-8.
+# A sequential loop over L (one program per row) costs ~L / BLOCK dependent steps and leaves
+# the GPU idle at batch 1-8.
 _COMPACT_ONE_PASS_MAX_L = 32768
 
 

@@ -269,8 +269,8 @@ def _state_passing_bwd(
 # --------------------------------------------------------------------------------------------
 # 3b. CB = C B^T per (batch, chunk, group): shared by the H/G heads of a group, so the forward
 #     computes it once here instead of once per head in the chunk scan. (The backward kernels
-#     recompute their tiles with tl.dot: on the H200 that measured faster, 4.05 vs 5.54 ms for
-#     B8 L8192 fwd+bwd, than re-reading this fp32 buffer from every head.)
+#     recompute their tiles with tl.dot: faster on the H200 than re-reading this fp32 buffer
+#     from every head; docs/measurements/README.md.)
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _bmm_chunk_fwd(
@@ -727,8 +727,8 @@ def _bwd_dc(
 
     # diagonal blocks: sources s <= t. s-blocks wholly before this row block, inside one
     # sequence, have every s < t in the chunk: they skip the compare/select mask and take one
-    # exp2 per element (H200: 0.744 -> 0.688 ms). The same split measured slower in _bwd_dx_db
-    # (1.45 -> 1.98 ms, three inlined loop copies) and no faster in _chunk_scan_fwd.
+    # exp2 per element. The same split is slower in _bwd_dx_db (three inlined loop copies) and
+    # no faster in _chunk_scan_fwd (docs/measurements/README.md, third session).
     hi = tl.minimum(chunk_len, (pid_t + 1) * BLOCK_T)
     lo_diag = 0 if HAS_SEQ else (pid_t * BLOCK_T) // BLOCK_S * BLOCK_S
     for k in range(0, lo_diag, BLOCK_S):

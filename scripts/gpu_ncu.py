@@ -10,22 +10,22 @@ import sys
 import torch
 
 if sys.argv[1:] == ["attention"]:
-    from hybridlab.benchmarks.attention import _selection
+    from hybridlab.benchmarks.attention import random_selection
     from hybridlab.kernels import selective_attention_triton as sat
 
     q, k, v = (torch.randn(4, 16384, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     do = torch.randn_like(q)
-    mask = _selection(4, 16384, 0.15, "cuda")
+    mask = random_selection(4, 16384, 0.15, "cuda")
 
     def step():
         o = sat.selective_attention(q, k, v, q_mask=mask, window=2048)
         torch.autograd.grad(o, (q, k, v), do)
 else:
-    from hybridlab.benchmarks.ssd import _inputs
+    from hybridlab.benchmarks.ssd import inputs
     from hybridlab.kernels import ssd_triton
 
-    x, dt, A, B, C, D, dt_bias = _inputs(8, 8192, 24, 64, 128, 1)
+    x, dt, A, B, C, D, dt_bias = inputs(8, 8192, 24, 64, 128, 1)
     leaves = [t.requires_grad_() for t in (x, dt, B, C)]
     dy = torch.randn_like(x)
 

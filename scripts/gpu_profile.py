@@ -55,10 +55,10 @@ def load_module(path, name):
 
 def ssd_section(old_path):
     from hybridlab.kernels import ssd_triton as new
-    from hybridlab.benchmarks.ssd import _inputs
+    from hybridlab.benchmarks.ssd import inputs
 
     b, l, h, p, n, g, q = 8, 8192, 24, 64, 128, 1, 256
-    t = _inputs(b, l, h, p, n, g)
+    t = inputs(b, l, h, p, n, g)
     leaves = [x.detach().clone().requires_grad_() if i != 2 else x for i, x in enumerate(t)]
     x, dt, A, B, C, D, dt_bias = leaves
     dy = torch.randn_like(x)
@@ -119,7 +119,7 @@ def attention_section(variants=None):
     measured here; each variant's autotuner timings of every config."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from hybridlab.benchmarks.attention import _selection
+    from hybridlab.benchmarks.attention import random_selection
     from hybridlab.kernels import selective_attention_triton as sat
 
     b, L, H, d, w = 4, 16384, 12, 64, 2048
@@ -136,7 +136,7 @@ def attention_section(variants=None):
     flex_f = bench(lambda: flex(qt, kt, vt, block_mask=bm))
     flex_fb = bench(lambda: torch.autograd.grad(flex(qt, kt, vt, block_mask=bm), (qt, kt, vt), dot))
     print(f"\nflex_attention window {w}: fwd {flex_f:.3f} ms, fwd+bwd {flex_fb:.3f} ms", flush=True)
-    mask = _selection(b, L, 0.15, "cuda")
+    mask = random_selection(b, L, 0.15, "cuda")
     outs = {}
     for name, m in mods.items():
         def fwd(m=m):
@@ -204,13 +204,12 @@ def conv_section():
 
         out = {}
         for rows in (True, False):
-            ct._ROWS = rows
-            with torch.no_grad():
+            with ct.row_kernels(rows), torch.no_grad():
                 f = bench(lambda: ct.causal_conv1d(x, w, bias))
-            out[rows] = (f, bench(fb), [t.float() for t in fb()])
+            with ct.row_kernels(rows):
+                out[rows] = (f, bench(fb), [t.float() for t in fb()])
             print(f"conv1d B{b} L{l} D{d} k{k} {layout} {'rows ' if rows else 'tiles'}: fwd {f:.3f} ms, "
                   f"fwd+bwd {out[rows][1]:.3f} ms")
-        ct._ROWS = True
         diff = max(((a - c).norm() / c.norm()).item() for a, c in zip(out[True][2], out[False][2]))
         print(f"  rows vs tiles: fwd {out[False][0] / out[True][0]:.2f}x, fwd+bwd "
               f"{out[False][1] / out[True][1]:.2f}x faster; gradients agree to {diff:.1e} (relative)")
@@ -219,18 +218,20 @@ def conv_section():
 def ce_section():
     """LM head + cross-entropy at a 190M model's head (B8 L4096 tokens, d 768, vocab 128256)."""
     from hybridlab.kernels import cross_entropy as ce
-    from hybridlab.kernels import cross_entropy_triton as cet
 
     n, d, v = 32768, 768, 128256
     h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(v, d, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
     t = torch.randint(0, v, (n,), device="cuda")
-    for name, fn in (("torch chunked", lambda: ce._LinearCrossEntropy.apply(h, w, t, 8192, -100)),
-                     ("fused", lambda: cet.fused_linear_cross_entropy(h, w, t))):
+    for name, backend in (("torch chunked", "reference"), ("fused", "triton")):
         def fb():
-            return torch.autograd.grad(fn(), (h, w))
+            return torch.autograd.grad(ce.linear_cross_entropy(h, w, t, chunk=8192), (h, w))
         torch.cuda.reset_peak_memory_stats()
-        ms = bench(fb)
+        os.environ["HYBRIDLAB_KERNELS"] = backend  # read at every call (kernels/dispatch.py)
+        try:
+            ms = bench(fb)
+        finally:
+            del os.environ["HYBRIDLAB_KERNELS"]
         print(f"LM head + CE N{n} d{d} V{v} {name}: fwd+bwd {ms:.2f} ms, "
               f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
@@ -266,7 +267,8 @@ def train_section():
 
 
 def decode_section():
-    from hybridlab.evaluate import inference_cost, inference_table
+    from hybridlab.benchmarks.inference import inference_cost, inference_table
+    from hybridlab.decode import GraphedDecoder, restore_caches, snapshot_caches
     from hybridlab.graph import load_arch
     from hybridlab.model import HybridLM
 
@@ -283,14 +285,13 @@ def decode_section():
         idx = torch.randint(0, arch.vocab_size, (1, 512), device="cuda")
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model.prefill(idx, caches)
-            snap = [({kk: vv.clone() for kk, vv in c.items()}, getattr(c, "length", None)) for c in caches]
+            snap = snapshot_caches(caches)
             tok = logits.argmax(-1)
             eager = []
             for _ in range(8):
                 tok = model.step(tok, caches).argmax(-1)
                 eager.append(tok.item())
-            from hybridlab.decode import GraphedDecoder, _restore
-            _restore(caches, snap)
+            restore_caches(caches, snap)
             dec = GraphedDecoder(model, caches, 1)
             tok = logits.argmax(-1)
             graphed = []

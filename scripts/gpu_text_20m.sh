@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root: issue 14's text runs (experiments/grids/text-20m.yaml)
-# then `hybridlab eval` of each run; everything small lands in $OUT.
+# then `hybridlab eval` of each run; everything small lands in $OUT (text20m.tgz: unpack it into
+# docs/measurements/<folder>/ to commit it; the record is plain files). /tmp is scratch space on
+# the GPU machine (the corpus copy and the run folders).
 #     bash scripts/gpu_text_20m.sh TRAIN_DEADLINE_S EVAL_BUDGET_S
 set -u
 source scripts/gpu_env.sh
@@ -21,5 +23,5 @@ for run in $out/stdlib-L512/*/; do
 done
 wait
 tail -n 40 $out/eval_*.log
-tar czf "$OUT/text20m.tgz" --exclude=checkpoints -C $out .
+tar czf "$OUT/text20m.tgz" --exclude=checkpoints --exclude="events.out.tfevents*" --exclude=results.tgz -C $out .
 cp $out/summary.md "$OUT/" 2>/dev/null

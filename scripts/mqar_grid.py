@@ -1,7 +1,10 @@
 """Run a grid of MQAR training runs in parallel on one machine and print one comparison table.
 
-    python -P scripts/mqar_grid.py scripts/mqar_grid.yaml --out OUT [--jobs 8] [--deadline S]
-                                   [--device auto|cpu|cuda] [--check]
+    python -P scripts/mqar_grid.py experiments/grids/mqar-01-sal-curricula.yaml --out OUT
+                                   [--jobs 8] [--deadline S] [--device auto|cpu|cuda] [--check]
+
+Grids live in experiments/grids/ (mqar-smoke.yaml is a 20-step CPU run); what each asked and
+found is in docs/measurements/README.md.
 
 Grid file: a list of settings, each a shared `training:` mapping (suite syntax, hybridlab/suite.py)
 and variants. Each variant names an architecture YAML (relative to experiments/) and optional
@@ -22,7 +25,8 @@ ones (the suite's own behaviour). At --deadline the running jobs get SIGINT (the
 checkpoints at the next step boundary and exits), then SIGKILL after GRACE_S; their last eval
 is still reported, marked "cut". Results: OUT/summary.json, OUT/summary.md, stdout, and
 OUT/results.tgz (suites, logs, metrics.jsonl; no checkpoints) to copy off a machine that returns
-only a few files.
+only a few files (unpack it into docs/measurements/<folder>/ to commit it: the record is plain
+files, never an archive).
 
 "SAL off" is val/acc_off: the held-out accuracy with every block that can be turned off (the
 SALs: selecting nothing) off; runs logged before that key was named read val/acc_sal_off.
@@ -297,7 +301,7 @@ def pack(jobs: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("grid", help="grid YAML, e.g. scripts/mqar_grid.yaml")
+    p.add_argument("grid", help="grid YAML, e.g. experiments/grids/mqar-smoke.yaml")
     p.add_argument("--out", required=True, help="results folder (suites, logs, run folders, summary)")
     p.add_argument("--jobs", type=int, default=8, help="runs at once (default 8)")
     p.add_argument("--deadline", type=float, help="seconds from start after which running jobs are stopped")

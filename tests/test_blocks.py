@@ -121,6 +121,6 @@ def test_mamba2_out_init_std_gives_gpt2_init_of_the_residual_output():
     fan_in = default.out_proj.weight.shape[1]
     assert default.out_proj.weight.std().item() == pytest.approx(1 / math.sqrt(3 * fan_in) / math.sqrt(8), rel=0.1)
     assert gpt2.out_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
-    from hybridlab.blocks.config import ConfigError
+    from hybridlab.config import ConfigError
     with pytest.raises(ConfigError):
         tiny_block("mamba2", out_init_std=0.0)

@@ -47,10 +47,18 @@ def check_grads(got, want, dtype, what):
 
 
 @pytest.fixture(params=["rows", "tiles"])
-def conv_impl(request, monkeypatch):
+def conv_impl(request):
     """Runs a conv test with the row-streaming kernels (k <= 4) and with the tiled ones."""
-    monkeypatch.setattr(ct, "_ROWS", request.param == "rows")
-    return request.param
+    with ct.row_kernels(request.param == "rows"):
+        yield request.param
+
+
+def test_row_kernels_switch_is_scoped_and_only_for_short_filters():
+    default = ct._rows(4)
+    for enabled in (True, False):
+        with ct.row_kernels(enabled):
+            assert ct._rows(4) is enabled and ct._rows(5) is False
+        assert ct._rows(4) is default
 
 
 def _conv_case(b, l, d, k, dtype, w_dtype, seq_idx, use_bias, activation="silu", strided=False):

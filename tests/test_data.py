@@ -271,7 +271,7 @@ def test_missing_empty_or_short_data_names_the_path(tmp_path, spec, where):
 
 def test_tokenizer_needs_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails as if not installed
-    with pytest.raises(UserError, match="pip install tokenizers"):
+    with pytest.raises(UserError, match=r"pip install 'hybridlab\[text\]'"):
         make_dataset({"text": "default", "tokenizer": "tok.json"}, 32, base_dir=tmp_path)
 
 

@@ -26,6 +26,26 @@ def test_cached_generation_equals_full_forward_generation():
         assert torch.equal(cached, full)
 
 
+def test_restored_caches_decode_the_same_tokens_again():
+    from hybridlab.decode import restore_caches, snapshot_caches
+
+    m = model()
+    caches = m.allocate_cache(2, 32)
+    with torch.no_grad():
+        start = m.prefill(torch.randint(0, 256, (2, 9)), caches).argmax(-1)
+        saved = snapshot_caches(caches)
+        runs = []
+        for _ in range(2):  # decode 4 tokens, put the caches back, decode them again
+            tok, out = start, []
+            for _ in range(4):
+                logits = m.step(tok, caches)
+                tok = logits.argmax(-1)
+                out.append(logits)
+            runs.append(torch.stack(out))
+            restore_caches(caches, saved)
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     assert sample_next(logits, temperature=0).item() == 3

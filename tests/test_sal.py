@@ -283,7 +283,7 @@ def test_capacity_curriculum_schedule():
 @pytest.mark.parametrize("only", [{"capacity_start": 0.5}, {"capacity_warmup_steps": 10},
                                   {"capacity_hold_steps": 10}])
 def test_capacity_curriculum_needs_both_fields(only):
-    from hybridlab.blocks.config import ConfigError
+    from hybridlab.config import ConfigError
 
     with pytest.raises(ConfigError):
         tiny_block("sal", **only)

@@ -6,20 +6,20 @@ from pathlib import Path
 import pytest
 
 from hybridlab.errors import ConfigError
-from hybridlab.sweep.edit import sal_after
+from hybridlab.sweep.edit import chosen_anchors
 from hybridlab.sweep.space import load_space
 from sweep_helpers import env, write_space
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_sal_after_period_offset_positions():
-    assert sal_after(6, 6) == [6]                   # Taipan's M*6 S
-    assert sal_after(6, 2) == [2, 4, 6]
-    assert sal_after(6, 2, offset=1) == [1, 3, 5]   # one block earlier
-    assert sal_after(6, 3, offset=4) == [2, 5]      # offset taken modulo the period
-    assert sal_after(6, positions="1,4") == [1, 4]
-    assert sal_after(6, positions=[4, 1, 4]) == [1, 4]
+def test_chosen_anchors_period_offset_positions():
+    assert chosen_anchors(6, 6) == [6]                   # Taipan's M*6 S
+    assert chosen_anchors(6, 2) == [2, 4, 6]
+    assert chosen_anchors(6, 2, offset=1) == [1, 3, 5]   # one block earlier
+    assert chosen_anchors(6, 3, offset=4) == [2, 5]      # offset taken modulo the period
+    assert chosen_anchors(6, positions="1,4") == [1, 4]
+    assert chosen_anchors(6, positions=[4, 1, 4]) == [1, 4]
 
 
 def test_build_regenerates_layers_and_sets_fields(tmp_path):
@@ -58,7 +58,13 @@ BAD = [
     ({"parameters": {"sal.capacity": {"type": "float", "low": 0.1, "high": 1.5}}},
      "parameters.sal.capacity.high: 1.5 gives an invalid architecture"),
     ({"parameters": {"sal.period": {"type": "int", "low": 1, "high": 9}}},
-     "parameters.sal.period.high: a period must be 1..3"),
+     "parameters.sal.period.high: a period must be 1..3 (the base's Mamba-2 blocks), got 9; a larger one places no SAL"),
+    ({"parameters": {"sal.positions": [[1, 5]]}},
+     "parameters.sal.positions.choices[0]: SAL after Mamba-2 block 5: the base has Mamba-2 blocks 1..3"),
+    ({"parameters": {"sal.positions": [[1]], "sal.offset": [0, 1]}},
+     "parameters.sal.positions: give either sal.positions or sal.period/sal.offset, not both"),
+    ({"parameters": {"mlp.period": [1, 2]}},
+     "parameters.mlp.period: unknown path into the architecture: mlp has no field 'period'"),
     ({"objectives": [{"metric": "val_perplexity"}]},
      "objectives[0].metric: unknown metric 'val_perplexity'"),
     ({"objectives": [{"metric": "recall_acc"}]}, "objectives[0].metric: recall_acc needs a recall task"),
@@ -75,6 +81,18 @@ def test_bad_spaces_are_named(tmp_path, over, message):
         load_space(write_space(tmp_path, **over))
     assert message in str(err.value)
     assert str(err.value).startswith(str(tmp_path / "space.yaml"))
+
+
+def test_placement_needs_its_anchor_in_the_base(tmp_path):
+    import yaml
+
+    from runs_helpers import TINY_ARCH
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**TINY_ARCH, "pattern": "F S F"}))
+    with pytest.raises(ConfigError) as err:
+        load_space(write_space(tmp_path, parameters={"sal.period": {"type": "int", "low": 1, "high": 2}}))
+    assert "parameters.sal.period: SAL placement needs Mamba-2 blocks in the base architecture; it has none" \
+        in str(err.value)
 
 
 def test_cli_one_line_error_before_any_trial(tmp_path):

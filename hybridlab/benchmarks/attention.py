@@ -24,7 +24,8 @@ def _bench(fn, grad_to_none=None):
     return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
 
 
-def _selection(b, L, capacity, device):
+def random_selection(b, L, capacity, device):
+    """A (b, L) bool query mask selecting round(capacity * L) random positions per row."""
     import torch
 
     n = int(round(capacity * L))
@@ -101,7 +102,7 @@ def run(json_path=None, shapes=None, capacities=None, windows=(2048, None)) -> l
                 if cap == "1.0":
                     q_mask = None  # dense path: every query, no index arrays
                 else:
-                    q_mask = _selection(B, L, c, dev)
+                    q_mask = random_selection(B, L, c, dev)
                 kv_mask = q_mask if cap.endswith("-kv") else None
 
                 def ours_f():

@@ -9,7 +9,7 @@ Bandwidth is compulsory traffic over time: each (b, l, d) bf16 tensor read or wr
 (weights and per-row statistics are negligible). Forward+backward counts the backward of
 these kernels: conv1d reads x, dy and writes dx; gated RMSNorm reads x, z, dy and writes
 dx, dz. "floor" is the share of the 4.25 TB/s device-to-device copy ceiling measured on the
-H200 (docs: /work/shared/references.md).
+H200 (the ceilings and every measured table: docs/measurements/README.md).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Mamba-2 layer's call) it first checks the kernel against `ssd_chunked_ref` (forw
 the gradients of x, dt, A, B, C, D, dt_bias), then times forward and forward+backward with
 `triton.testing.do_bench` (median), beside the reference in the same run.
 
-Floor (references.md): FLOP = 2 B H L (Q P + 2 N P) + 2 B L Q N per forward; compulsory bytes =
+Floor (docs/measurements/README.md): FLOP = 2 B H L (Q P + 2 N P) + 2 B L Q N per forward; compulsory bytes =
 read x, dt, B, C, write y. Backward counts twice the forward FLOPs and reads x, dt, B, C, dy and
 writes their gradients. floor_ms = max(FLOP / 712 TFLOP/s, bytes / 4.25 TB/s), the H200's
 measured bf16 matmul and copy ceilings; `share` = floor_ms / measured ms.
@@ -37,7 +37,8 @@ def floor(b, l, h, p, n, g, q, elt=2):
     return {"fwd": (flop, io_fwd), "fwdbwd": (3 * flop, io_fwd + io_bwd)}
 
 
-def _inputs(b, l, h, p, n, g, dtype=torch.bfloat16, device="cuda"):
+def inputs(b, l, h, p, n, g, dtype=torch.bfloat16, device="cuda"):
+    """Seeded [x, dt, A, B, C, D, dt_bias] of the Mamba-2 layer's SSD call (x: (b, l, h, p))."""
     torch.manual_seed(0)
     x = torch.randn(b, l, h, p, device=device, dtype=dtype)
     dt = (torch.randn(b, l, h, device=device) * 0.5 - 1.0).to(dtype)
@@ -65,7 +66,7 @@ def check(shape):
     from hybridlab.kernels.ssd import ssd_chunked_ref
 
     b, l, h, p, n, g, q = shape
-    t = [a.requires_grad_() for a in _inputs(b, l, h, p, n, g)]
+    t = [a.requires_grad_() for a in inputs(b, l, h, p, n, g)]
     t_ref = [a.detach().float().requires_grad_() for a in t]
     y = _call(ssd_triton.ssd_chunked, t, q)
     y_ref = _call(ssd_chunked_ref, t_ref, q)
@@ -82,7 +83,7 @@ def time_one(fn, shape, backward):
     import triton.testing
 
     b, l, h, p, n, g, q = shape
-    t = _inputs(b, l, h, p, n, g)
+    t = inputs(b, l, h, p, n, g)
     if not backward:
         with torch.no_grad():
             return triton.testing.do_bench(lambda: _call(fn, t, q), warmup=25, rep=200, return_mode="median")

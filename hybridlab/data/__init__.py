@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 
-from hybridlab.blocks.config import ConfigError, join_path, suggest
+from hybridlab.config import ConfigError, join_path, suggest
 from hybridlab.data.tasks import TASKS, TaskDataset, TaskSpec, make_task, register_task
 from hybridlab.data.text import TextConfig, TextDataset, TokensConfig, from_text, from_tokens
 from hybridlab.errors import UserError

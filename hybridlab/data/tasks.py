@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
-from hybridlab.blocks.config import Config, ConfigError, field, join_path, suggest
+from hybridlab.config import Config, ConfigError, field, join_path, suggest
 from hybridlab.data.corpus import generator
 from hybridlab.errors import UserError
 

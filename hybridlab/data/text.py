@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from hybridlab.blocks.config import Config, field
+from hybridlab.config import Config, field
 from hybridlab.data import corpus
 from hybridlab.errors import UserError
 
@@ -64,7 +64,7 @@ class TokenizerCodec:
             from tokenizers import Tokenizer
         except ImportError:
             raise UserError(f"reading tokenizer {path} needs the 'tokenizers' package: "
-                            "pip install tokenizers") from None
+                            "pip install 'hybridlab[text]'") from None
         if not path.is_file():
             raise UserError(f"tokenizer file {path} does not exist")
         try:

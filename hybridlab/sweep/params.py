@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hybridlab.blocks.config import ConfigError, join_path, suggest
+from hybridlab.config import ConfigError, join_path, suggest
 
-from .edit import PLACEMENT_KEYS, Target, parse_positions, sal_after
+from .edit import PLACEMENT_KEYS, Target, chosen_anchors, count_blocks, parse_positions, placement_of
 
 
 def _need(cond: bool, path: str, msg: str) -> None:
@@ -52,8 +52,9 @@ def _target(p: str, space) -> Target:
     head, _, rest = p.partition(".")
     model_fields = [f.name for f in ModelConfig.fields() if f.name not in ("name", "description")]
     if not rest:
+        placeable = "|".join(b for b in REGISTRY if placement_of(b)) or "BLOCK"
         _need(head in model_fields, where, f"unknown path into the architecture{suggest(head, model_fields)}; "
-              f"use BLOCK.FIELD (e.g. sal.capacity), sal.period|offset|positions, training.FIELD, "
+              f"use BLOCK.FIELD, {placeable}.period|offset|positions, training.FIELD, "
               f"or a model field ({', '.join(model_fields)})")
         return Target("model", head)
     if head == "training":
@@ -62,12 +63,14 @@ def _target(p: str, space) -> Target:
         return Target("training", rest)
     _need(head in REGISTRY, where, f"unknown path into the architecture: no block {head!r}"
           f"{suggest(head, list(REGISTRY) + ['training'])}; blocks: {', '.join(REGISTRY)}")
-    if head == "sal" and rest in PLACEMENT_KEYS:
-        n = sum(1 for layer in space.base_dict["layers"] if layer["block"] == "mamba2")
-        _need(n > 0, where, "SAL placement needs Mamba-2 blocks in the base architecture; it has none")
-        return Target("placement", rest)
+    placement = placement_of(head)
+    if placement and rest in PLACEMENT_KEYS:
+        _need(count_blocks(space.base_dict["layers"], placement.after) > 0, where,
+              f"{placement.label} placement needs {placement.after_label} blocks in the base architecture; "
+              f"it has none")
+        return Target("placement", rest, head)
     names = [f.name for f in REGISTRY[head].config_cls.fields()]
-    extra = list(PLACEMENT_KEYS) if head == "sal" else []
+    extra = list(PLACEMENT_KEYS) if placement else []
     _need(rest in names, where, f"unknown path into the architecture: {head} has no field {rest!r}"
           f"{suggest(rest, names + extra)}; fields: {', '.join(names + extra)}")
     return Target("block", rest, head)
@@ -75,7 +78,7 @@ def _target(p: str, space) -> Target:
 
 def parse_params(raw, space) -> list[Param]:
     _need(isinstance(raw, dict) and raw, "parameters",
-          "map at least one path to a range, e.g. sal.capacity: {type: float, low: 0.05, high: 0.25}")
+          "map at least one path to a range, e.g. training.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}")
     out = []
     for p, spec in raw.items():
         p = str(p)
@@ -113,25 +116,26 @@ def parse_params(raw, space) -> list[Param]:
               "must be a positive number, and not combined with log")
         out.append(Param(p, target, kind, lo if kind == "int" else float(lo), hi if kind == "int" else float(hi),
                          log, step))
-    keys = {q.target.key for q in out if q.target.kind == "placement"}
-    _need(not ("positions" in keys and keys & {"period", "offset"}), "parameters.sal.positions",
-          "give either sal.positions or sal.period/sal.offset, not both")
+    for block in dict.fromkeys(q.target.block for q in out if q.target.kind == "placement"):
+        keys = {q.target.key for q in out if q.target.kind == "placement" and q.target.block == block}
+        _need(not ("positions" in keys and keys & {"period", "offset"}), f"parameters.{block}.positions",
+              f"give either {block}.positions or {block}.period/{block}.offset, not both")
     return out
 
 
 def probe(space) -> None:
     """Build the architecture at every bound of every range (others at the base's values), so
     an impossible value fails here rather than in trial 17."""
-    n_mamba = sum(1 for layer in space.base_dict["layers"] if layer["block"] == "mamba2")
-    placed = any(p.target.kind == "placement" for p in space.params)
-    present = {layer["block"] for layer in space.base_dict["layers"]} | ({"sal"} if placed else set())
+    layers = space.base_dict["layers"]
+    placed = {p.target.block for p in space.params if p.target.kind == "placement"}
+    present = {layer["block"] for layer in layers} | placed
     for p in space.params:
         where = join_path("parameters", p.path)
         if p.target.kind == "block":
             _need(p.target.block in present, where, f"the base architecture has no {p.target.block} layer")
         for label, value in p.probes():
             if p.target.kind == "placement":
-                _check_placement(p, value, n_mamba, join_path(where, label))
+                _check_placement(p, value, layers, join_path(where, label))
             others = [q for q in space.params if q.target.kind == "placement" and q is not p]
             values = {p.path: value, **{q.path: _first(q) for q in others}}
             probe = dataclasses.replace(space, params=[p] + others)
@@ -145,19 +149,22 @@ def _first(p: Param):
     return p.choices[0] if p.type == "categorical" else p.low
 
 
-def _check_placement(p: Param, value, n_mamba: int, where: str) -> None:
+def _check_placement(p: Param, value, layers: list[dict], where: str) -> None:
+    """A placement value must choose anchors the base has (counted in its layer list)."""
+    placement = placement_of(p.target.block)
+    n, placed, anchor = count_blocks(layers, placement.after), placement.label, placement.after_label
     if p.target.key == "positions":
         try:
             pos = parse_positions(value)
         except (TypeError, ValueError):
-            raise ConfigError(where, f"must be a list of Mamba-2 block numbers, got {value!r}") from None
-        bad = [k for k in pos if not 1 <= k <= n_mamba]
+            raise ConfigError(where, f"must be a list of {anchor} block numbers, got {value!r}") from None
+        bad = [k for k in pos if not 1 <= k <= n]
         if bad:
-            raise ConfigError(where, f"SAL after Mamba-2 block {bad[0]}: the base has Mamba-2 blocks 1..{n_mamba}")
+            raise ConfigError(where, f"{placed} after {anchor} block {bad[0]}: the base has {anchor} blocks 1..{n}")
     elif p.target.key == "period":
-        _need(isinstance(value, int) and 1 <= value <= n_mamba, where,
-              f"a period must be 1..{n_mamba} (the base's Mamba-2 blocks), got {value!r}; "
-              f"a larger one places no SAL")
-        _need(sal_after(n_mamba, value), where, "places no SAL")
+        _need(isinstance(value, int) and 1 <= value <= n, where,
+              f"a period must be 1..{n} (the base's {anchor} blocks), got {value!r}; "
+              f"a larger one places no {placed}")
+        _need(chosen_anchors(n, value), where, f"places no {placed}")
     elif p.target.key == "offset":
         _need(isinstance(value, int) and value >= 0, where, f"must be an integer >= 0, got {value!r}")

@@ -13,7 +13,7 @@ def run_sweep(space_path: str, storage: str | None = None, workers: int | None =
     from hybridlab.errors import UserError
 
     from .report import count_states, write_report
-    from .study import is_rdb, open_study, quiet_optuna, run_workers, storage_spec, used
+    from .study import is_rdb, open_study, quiet_optuna, redact, run_workers, storage_spec, used
 
     space = load_space(space_path)  # every ConfigError surfaces here, before any trial
     overrides = {k: v for k, v in (("trials", trials), ("timeout", timeout), ("workers", workers),
@@ -31,10 +31,10 @@ def run_sweep(space_path: str, storage: str | None = None, workers: int | None =
         try:
             study = open_study(space, spec, create=not report_only)
         except KeyError:
-            raise UserError(f"no study {space.study!r} in {spec} yet: run the sweep first") from None
+            raise UserError(f"no study {space.study!r} in {redact(spec)} yet: run the sweep first") from None
         if not report_only:
             before = count_states(study)
-            where = spec if is_rdb(spec) else f"journal {spec}"
+            where = redact(spec) if is_rdb(spec) else f"journal {spec}"
             print(f"sweep {space.study}: {space.trials} trials on {space.workers} worker(s), storage {where}; "
                   f"runs in {space.folder / 'runs'}"
                   + (f"; resuming ({before['complete']} complete, {before['fail']} failed, "

@@ -1,7 +1,8 @@
 """Search-space YAML -> a validated SearchSpace. Every mistake is found here, before any trial
-trains, and named by its YAML path (`parameters.sal.capacity.high: ...`).
+trains, and named by its YAML path (`parameters.BLOCK.FIELD.high: ...`). search_spaces/ has
+real ones; the shape:
 
-    study: sal-tiny                          # study name; output in <out_dir>/<study>/
+    study: tiny                              # study name; output in <out_dir>/<study>/
     base: ../experiments/taipan-tiny.yaml    # base architecture (relative to this file)
     training: {steps: 120, seq_len: 64}      # over the base's training section
     sampler: {type: tpe, seed: 0}            # tpe | nsga2 | random, always seeded
@@ -13,10 +14,10 @@ trains, and named by its YAML path (`parameters.sal.capacity.high: ...`).
       - {metric: decode_ms}                  # direction defaults to the metric's natural one
     constraints:
       - {metric: params, max: 400000}        # analytic: checked before the trial trains
-    parameters:
-      sal.period: {type: int, low: 1, high: 6}
-      sal.capacity: {type: float, low: 0.05, high: 0.25}
-      sal.window: {type: categorical, choices: [16, 32, 64]}
+    parameters:                              # paths into the architecture (edit.py)
+      BLOCK.period: {type: int, low: 1, high: 6}          # placement (a block type's Placement hook)
+      BLOCK.FIELD: {type: float, low: 0.05, high: 0.25}   # a field of every layer of that type
+      training.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from hybridlab.blocks.config import ConfigError, join_path, suggest
+from hybridlab.config import ConfigError, join_path, suggest
 
 from .edit import Target, apply
 from .params import Param, parse_params, probe
@@ -224,8 +225,12 @@ def _parse(data: Any, path: Path) -> SearchSpace:
     _need(dataset.vocab_size <= base.vocab_size, "training.data",
           f"the data uses {dataset.vocab_size} token ids but the base's vocab_size is {base.vocab_size}")
 
+    study = str(data.get("study") or path.stem)
+    # the study is one folder inside out_dir: a name with a separator or '..' would write elsewhere
+    _need(study not in (".", "..") and Path(study).name == study and "\\" not in study, "study",
+          f"must be a plain folder name (no '/', '..' or absolute path), got {study!r}")
     space = SearchSpace(
-        source=str(path), study=str(data.get("study") or path.stem), base_dict=base.to_dict(),
+        source=str(path), study=study, base_dict=base.to_dict(),
         base_dir=base_path.parent, training=training, sampler=_sampler(data.get("sampler")),
         objectives=_objectives(data.get("objectives"), training),
         constraints=_constraints(data.get("constraints")), params=[],

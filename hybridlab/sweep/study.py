@@ -53,8 +53,33 @@ def is_rdb(spec: str) -> bool:
     return "://" in spec
 
 
+RDB_SCHEMES = ("postgresql", "sqlite")  # the RDB storages the workers and tests are built for
+
+
+def redact(spec: str) -> str:
+    """The storage URL as it may be printed: the password, if any, replaced by ***."""
+    if not is_rdb(spec):
+        return spec
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(spec)
+    if parts.password is None:
+        return spec
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def check_storage(spec: str) -> None:
+    from hybridlab.errors import UserError
+
+    scheme = spec.split("://", 1)[0].split("+", 1)[0] if is_rdb(spec) else None
+    if scheme is not None and scheme not in RDB_SCHEMES:
+        raise UserError(f"--storage {redact(spec)}: {scheme}:// is not supported; use a journal file "
+                        "path (one machine), sqlite:///FILE (one process) or postgresql://... (many machines)")
+
+
 def _driver_url(spec: str) -> str:
-    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; we ship psycopg2-binary ([dev] extra)."""
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; we ship psycopg2-binary ([postgres] extra)."""
     if not spec.startswith("postgresql://"):
         return spec
     import importlib.util
@@ -68,14 +93,31 @@ def _driver_url(spec: str) -> str:
     raise UserError("PostgreSQL storage needs a driver: pip install psycopg2-binary (or psycopg)")
 
 
+def _password(spec: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    return urlsplit(spec).password
+
+
 def open_storage(spec: str):
     if is_rdb(spec):
         from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+        from hybridlab.errors import UserError
+
+        check_storage(spec)
+        url = _driver_url(spec)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(_driver_url(spec), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+            try:
+                return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+            except Exception as e:  # wrong password, host down, no such database: one line, no secret
+                reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+                password = _password(spec)
+                if password:
+                    reason = reason.replace(password, "***")
+                raise UserError(f"cannot open storage {redact(spec)}: {reason}") from None
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -213,7 +255,7 @@ def open_study(space: SearchSpace, spec: str, create: bool, seed_offset: int = 0
         if digest is None:
             study.set_user_attr("space", _space_digest(space))
         elif digest != _space_digest(space):
-            raise UserError(f"study {space.study!r} in {spec} was started with other objectives or parameters; "
+            raise UserError(f"study {space.study!r} in {redact(spec)} was started with other objectives or parameters; "
                             f"resume it with the same search space, or give this one another study name")
     else:
         study = optuna.load_study(study_name=space.study, storage=storage, sampler=sampler)

@@ -1,0 +1,97 @@
+"""`hybridlab bench model`: training throughput, model FLOPs utilisation and peak memory at a
+batch and length; decode ms/token and cache bytes against context length."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from ..analysis import flops_per_token
+from ..graph import load_arch
+from .inference import inference_cost, inference_table, is_oom, parse_lengths
+
+H200_BF16_TFLOPS = 712.0  # bf16 8192^3 matmul measured on the lent H200 (docs/measurements/)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp) -> dict:
+    vocab = model.arch.vocab_size
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    model.train()
+    idx = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    def one_step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(idx[:, :-1], idx[:, 1:], return_logits=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        for _ in range(2):  # warm-up: kernel compilation, allocator
+            one_step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        _sync(device)
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        return {"stopped": "out of memory"}
+    dt = (time.perf_counter() - t0) / steps
+    out = {"step_ms": 1e3 * dt, "tokens_per_s": batch * seq_len / dt}
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: str = "1K,8K,32K,128K,1M",
+                steps: int = 10, json_path: str | None = None, device: str | None = None,
+                time_budget_s: float = 300.0, cuda_graph: bool = False) -> dict:
+    from ..model import HybridLM
+
+    arch = load_arch(arch_path)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    torch.manual_seed(0)
+    model = HybridLM(arch).to(dev)
+    n = model.num_params()
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"{arch.name}: {n / 1e6:.1f}M parameters on {name}")
+    result = {"arch": arch.name, "params": n, "device": name, "batch": batch, "seq_len": seq_len}
+
+    tr = train_throughput(model, batch, seq_len, steps, dev, amp)
+    result["train"] = tr
+    if "stopped" in tr:
+        print(f"train B{batch} L{seq_len}: {tr['stopped']}")
+    else:
+        line = f"train B{batch} L{seq_len}: {tr['tokens_per_s'] / 1e3:.1f}K tokens/s ({tr['step_ms']:.1f} ms/step)"
+        if dev.type == "cuda":
+            mfu = 6 * n * tr["tokens_per_s"] / (H200_BF16_TFLOPS * 1e12)
+            analytic = 3 * flops_per_token(arch, seq_len) * tr["tokens_per_s"] / (H200_BF16_TFLOPS * 1e12)
+            tr.update(mfu_6n=mfu, mfu_analytic=analytic)
+            line += (f", MFU {100 * mfu:.1f}% (6·params·tokens/s over {H200_BF16_TFLOPS:.0f} TFLOP/s; "
+                     f"{100 * analytic:.1f}% counting attention and SSD FLOPs), "
+                     f"peak {tr['peak_memory_bytes'] / 2**30:.1f} GiB")
+        print(line)
+    model.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    rows = inference_cost(model, parse_lengths(contexts), device=dev, amp=amp, time_budget_s=time_budget_s,
+                          cuda_graph=cuda_graph and dev.type == "cuda")
+    result["decode"] = rows
+    print("\n".join(inference_table(rows)))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
