@@ -133,7 +133,11 @@ def validation_lines(v: Validation) -> list[str]:
     """`validate`'s main results for people: loss, accuracy per group, and the ablation probe
     beside the same held-out set with every block on."""
     s = v.scalars
-    lines = [f"validation: loss {s['val/loss']:.4f}, perplexity {s['val/ppl']:.3f}"]
+    # the number of scored tokens says which held-out set this is: training validates on
+    # `eval_batches`, `hybridlab eval` on --batches, so their figures differ by that sample
+    tokens = v.heldout.get("tokens")
+    on = f" over {tokens:,} held-out tokens" if tokens else ""
+    lines = [f"validation: loss {s['val/loss']:.4f}, perplexity {s['val/ppl']:.3f}{on}"]
     for key, value in s.items():
         if key.startswith("val/acc/"):
             first = s.get("val/acc_first/" + key[8:])

@@ -15,7 +15,8 @@ done
 find /tmp/hl-text -name '__pycache__' -prune -exec rm -rf {} +
 du -sh /tmp/hl-text
 out=/tmp/text20m
-python -P scripts/mqar_grid.py experiments/grids/text-20m.yaml --out $out --jobs 4 --deadline "$1" --device cuda
+sed 's#data: default#data: {text: /tmp/hl-text}#' experiments/grids/text-20m.yaml > /tmp/text-20m.yaml
+python -P scripts/mqar_grid.py /tmp/text-20m.yaml --out $out --jobs 4 --deadline "$1" --device cuda
 for run in $out/stdlib-L512/*/; do
     name=$(basename "$run")
     python -P -m hybridlab eval "$run" --batches 16 --max-factor 16 --contexts 1K,8K \
