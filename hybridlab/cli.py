@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -25,6 +26,17 @@ def _cmd_blocks(args) -> int:
             print(f"    {f.name:<16} = {str(default):<10} {meta['help']}.{extra}")
         print()
     return 0
+
+
+def _training_keys() -> str:
+    """The `training:` keys with their defaults and meanings, for `train --help`."""
+    from hybridlab.train_config import TrainConfig
+
+    lines = ["training settings (YAML `training:` section or --set KEY=VALUE):"]
+    for f in TrainConfig.fields():
+        lines.append(f"  {f.name:<18} {str(f.default):<10} {f.metadata['help']}")
+    lines.append("  data               default    default | {task: mqar, ...} | {text: PATH} | {tokens: PATH}")
+    return "\n".join(lines)
 
 
 def _cmd_build(args) -> int:
@@ -182,18 +194,20 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="device for the test forward (default: cuda if present)")
     s.set_defaults(func=_cmd_build)
 
-    s = sub.add_parser("train", help="train an architecture on its `training:` section (or resume a run)")
-    s.add_argument("arch", nargs="?", help="architecture YAML with a training section")
+    s = sub.add_parser("train", help="train an architecture on its `training:` section (or resume a run)",
+                       epilog=_training_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("arch", nargs="?", help="architecture YAML with a training section, or a suite YAML")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly where it stopped")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting (repeatable)")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--batch-size", type=int, dest="batch_size")
-    s.add_argument("--seq-len", type=int, dest="seq_len")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--run-name", dest="run_name")
-    s.add_argument("--runs-dir", dest="runs_dir")
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a training setting, value read as YAML (repeatable; keys below)")
+    s.add_argument("--steps", type=int, help="optimizer steps (same as --set steps=N)")
+    s.add_argument("--lr", type=float, help="peak learning rate")
+    s.add_argument("--batch-size", type=int, dest="batch_size", help="sequences per step")
+    s.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence")
+    s.add_argument("--seed", type=int, help="seed of the weights and the data order")
+    s.add_argument("--run-name", dest="run_name", help="the run's folder name (default: ARCH-DATE-TIME)")
+    s.add_argument("--runs-dir", dest="runs_dir", help="where run folders go (default: runs)")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda if present")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("eval", help="perplexity, recall accuracy, perplexity vs context length, inference cost")
@@ -232,7 +246,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.set_defaults(func=_cmd_bench)
 
-    s = sub.add_parser("sweep", help="Optuna search over SAL placement, capacity, window, ... against perplexity and cost")
+    s = sub.add_parser("sweep", help="Optuna search over SAL placement, capacity, window, ... against perplexity and cost",
+                       epilog="Everything goes to <out_dir>/<study>/ (out_dir from the space, default sweeps/): "
+                              "runs/ (one TensorBoard run per trial), hparams/ (the sweep's HParams table), "
+                              "journal.log (the study, unless --storage), the Pareto table, plot and best "
+                              "architecture YAML. Run the same command again to resume.")
     s.add_argument("space", help="search-space YAML, e.g. search_spaces/sal.yaml")
     s.add_argument("--storage", help="journal file path (default: <out_dir>/<study>/journal.log) or "
                                      "postgresql://user@host/db for workers on several machines")
@@ -274,6 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hybridlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine said no: full disk, read-only folder, no permission
+        if e.errno not in USER_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"hybridlab {args.command}: error: {where}{e.strerror}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print(f"hybridlab {args.command}: error: the input is nested too deeply", file=sys.stderr)
+        return 2
+
+
+USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOENT,
+               errno.EISDIR, errno.ENOTDIR}
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
     print(f"{lo.ckpt}: {lo.arch.name}, step {lo.step}, {model.num_params():,} parameters, on {dev}")
 
     results: dict = {"checkpoint": str(lo.ckpt), "step": lo.step}
+    # each phase says what it is about to do first: on a CPU the whole command takes minutes
+    print(f"validating on {batches} batches of {cfg.batch_size} (every block on, then off where "
+          "a block can be turned off) ...", flush=True)
     v = validate(model, dataset, cfg.batch_size, batches, dev, amp, each_off=True)
     val = results["validation"] = v.scalars
     trained_step, trained = last_training_block_metrics(lo.run_dir, lo.step, model.scopes)
@@ -103,10 +106,11 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
     print_warnings(v.warnings)
 
     factors = tuple(f for f in (1, 2, 4, 8, 16, 32, 64) if f <= max_factor)
+    print(f"perplexity against context length ({train_len} to {train_len * factors[-1]} tokens, "
+          f"at most {time_budget_s:.0f} s) ...", flush=True)
     curve = perplexity_vs_context(model, dataset, train_len, factors, device=dev, amp=amp,
                                   time_budget_s=time_budget_s)
     results["ppl_vs_context"] = curve
-    print("perplexity against context length:")
     for r in curve:
         if "ppl" in r:
             acc = f", answer accuracy {r['acc']:.3f}" if "acc" in r else ""
@@ -114,9 +118,9 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
         else:
             print(f"  {r['context']:>8} ({r['factor']:>2}x): stopped, {r['stopped']}")
 
+    print(f"inference cost at {contexts} tokens of context (batch 1) ...", flush=True)
     cost = inference_cost(model, parse_lengths(contexts), device=dev, amp=amp, time_budget_s=time_budget_s)
     results["inference"] = cost
-    print("inference (batch 1):")
     print("\n".join(inference_table(cost)))
 
     out = Path(out_dir) if out_dir else lo.run_dir / "eval" / f"step_{lo.step:07d}"

@@ -262,3 +262,18 @@ def test_a_study_name_cannot_leave_out_dir(tmp_path, study):
     r = _hl("sweep", str(path), cwd=tmp_path)
     assert r.returncode == 2 and "study: must be a plain folder name" in r.stderr, r.stderr
     assert not (tmp_path / "escaped").exists() and not Path("/tmp/abs-study").exists()
+
+
+def test_yaml_nested_past_the_parser_is_one_line(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: x\nd_model: 32\nvocab_size: 64\nlayers: " + "[" * 3000 + "]" * 3000 + "\n")
+    r = _hl("build", str(deep), cwd=ROOT)
+    assert r.returncode == 2 and "nested too deeply" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_says_what_the_settings_are_and_where_results_go():
+    train_help = _hl("train", "--help", cwd=ROOT).stdout
+    for key in ("eval_batches", "checkpoint_every", "run_name", "--set KEY=VALUE"):
+        assert key in train_help
+    sweep_help = " ".join(_hl("sweep", "--help", cwd=ROOT).stdout.split())
+    assert "<out_dir>/<study>/" in sweep_help and "runs/" in sweep_help
