@@ -124,7 +124,11 @@ class Tracker:
 
         keys = hparam_keys()
         assert set(hparams) == set(keys), sorted(set(hparams) ^ set(keys))
-        exp, ssi, sei = hp_summary(hparams, {k: math.nan for k in metric_keys()})
+        # The HParams dashboard ticks the first 5 columns it is given: lead with what tells
+        # architectures apart (the pattern, then the blocks' own settings), not the run's name.
+        lead = ("pattern",) + keys[len(CORE_HPARAM_KEYS):]
+        ordered = {k: hparams[k] for k in lead + tuple(k for k in keys if k not in lead)}
+        exp, ssi, sei = hp_summary(ordered, {k: math.nan for k in metric_keys()})
         for summary in (exp, ssi, sei):
             self.writer.file_writer.add_summary(summary)
 

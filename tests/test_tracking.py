@@ -87,3 +87,21 @@ def test_tensorboard_server_lists_runs_and_hparams(two_runs):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_hparams_dashboard_ticks_the_architecture_columns_first(tmp_path):
+    """TensorBoard's HParams dashboard shows the first 5 hparams it is given: they must be the
+    ones that tell architectures apart, not the run's name and hash."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from hybridlab.tracking import Tracker, hparam_keys
+
+    Tracker(tmp_path, {k: 0 for k in hparam_keys()}).close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    infos = [plugin_data_pb2.HParamsPluginData.FromString(c).experiment.hparam_infos
+             for c in acc.PluginTagToContent("hparams").values()]
+    names = [h.name for h in next(i for i in infos if len(i))]
+    assert names[0] == "pattern" and {"sal_capacity", "sal_window"} & set(names[:5])
+    assert "arch_hash" not in names[:5]
