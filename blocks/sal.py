@@ -58,7 +58,8 @@ class SALConfig(Config, BlockConfigMixin, AttentionShape):
         "change (the attention still learns only at selected tokens; cost as C = 1); dense (not "
         "in the paper): as all, and the attention also learns at every unselected token the "
         "gradient it would get if that token were selected, through a detached input, so "
-        "nothing leaks into the residual stream (cost as C = 2); explore (not in the paper): a "
+        "nothing leaks into the residual stream (cost as C = 1, plus a second Q/K/V projection); "
+        "explore (not in the paper): a "
         "random share `explore` of the unselected tokens is selected too in training, forward "
         "included, so the attention learns and the gate's straight-through gradient measures "
         "them where the gate would not look (cost as C + explore)",
