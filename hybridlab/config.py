@@ -142,3 +142,9 @@ class Config:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in self.fields()}
+
+
+def is_plain_name(name: str) -> bool:
+    """A name that is one folder inside its parent: no separator, no '..', not absolute (run
+    names, study names: what a user names must not write outside the folder they chose)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name

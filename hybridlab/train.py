@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint as ckpt_io
+from .config import is_plain_name
 from .errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from .graph import Arch, load_arch, parse_arch
 from .train_config import TrainConfig, parse_training
@@ -82,7 +83,7 @@ def prepare_new(arch: Arch, training, overrides: dict, source: str, base_dir: Pa
 
 def check_run_name(name: str) -> None:
     """A run name is one folder inside runs_dir: no separators, no '..', not absolute."""
-    if not name or name in (".", "..") or Path(name).name != name or "/" in name or "\\" in name:
+    if not is_plain_name(name):
         raise ConfigError("training.run_name", f"must be a plain folder name (no '/', '..' or "
                                                f"absolute path), got {name!r}")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from hybridlab.config import ConfigError, join_path, suggest
+from hybridlab.config import ConfigError, is_plain_name, join_path, suggest
 
 from .edit import Target, apply
 from .params import Param, parse_params, probe
@@ -227,7 +227,7 @@ def _parse(data: Any, path: Path) -> SearchSpace:
 
     study = str(data.get("study") or path.stem)
     # the study is one folder inside out_dir: a name with a separator or '..' would write elsewhere
-    _need(study not in (".", "..") and Path(study).name == study and "\\" not in study, "study",
+    _need(is_plain_name(study), "study",
           f"must be a plain folder name (no '/', '..' or absolute path), got {study!r}")
     space = SearchSpace(
         source=str(path), study=study, base_dict=base.to_dict(),
