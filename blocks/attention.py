@@ -26,6 +26,9 @@ class KVCache(dict):
 
     length = 0
     window: int | None = None
+    # Every token so far was cached (no `write` mask): slots then hold consecutive positions,
+    # which lets prefill run the training kernel over [cached tokens; chunk] (see prefill).
+    all_kept = True
 
     def advance(self, n: int, window: int | None = None) -> None:
         window = self.window if window is None else window
@@ -47,12 +50,12 @@ def validate_heads(d_model: int, head_dim: int, n_kv_heads: int | None, path: st
 
 class SelfAttention(nn.Module):
     def __init__(self, d_model: int, head_dim: int, n_kv_heads: int | None, positional: str,
-                 rope_theta: float, window: int | None, n_layers: int):
+                 rope_theta: float, window: int | None, n_layers: int, rope_scaling: dict | None = None):
         super().__init__()
         self.head_dim, self.window = head_dim, window
         self.n_heads = d_model // head_dim
         self.n_kv_heads = n_kv_heads or self.n_heads
-        self.positional, self.rope_theta = positional, rope_theta
+        self.positional, self.rope_theta, self.rope_scaling = positional, rope_theta, rope_scaling
         self.wqkv = nn.Linear(d_model, (self.n_heads + 2 * self.n_kv_heads) * head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * head_dim, d_model, bias=False)
         init_linear(self.wqkv, 0.02)
@@ -67,15 +70,22 @@ class SelfAttention(nn.Module):
         k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
         if self.positional == "rope":
-            cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
+            if self.rope_scaling is None:
+                cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
+            else:
+                cos, sin = llama3_rope_angles(positions, self.head_dim, self.rope_theta, self.rope_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def forward(self, x, q_mask=None, kv_mask=None):
-        """x (B, L, d) -> (B, L, d). Rows of queries outside q_mask are zero before `wo`."""
+    def forward(self, x, q_mask=None, kv_mask=None, seq_idx=None):
+        """x (B, L, d) -> (B, L, d). Rows of queries outside q_mask are zero before `wo`.
+        `seq_idx` (B, L): packed documents; a query sees keys of its own document only.
+        RoPE keeps the row's positions: a document's scores depend only on positions within
+        it (q_i . k_j rotates by i - j), so packed or alone they are the same."""
         b, L, _ = x.shape
         q, k, v = self._qkv(x, torch.arange(L, device=x.device))
-        o = selective_attention(q, k, v, q_mask=q_mask, kv_mask=kv_mask, window=self.window)
+        o = selective_attention(q, k, v, q_mask=q_mask, kv_mask=kv_mask, window=self.window,
+                                seq_idx=seq_idx)
         return self.wo(o.flatten(-2))
 
     def cache_slots(self, max_len: int) -> int:
@@ -102,6 +112,9 @@ class SelfAttention(nn.Module):
         K/V enter the cache and are visible as keys (None: all). Same result as `forward` over
         the whole sequence, computed chunk by chunk with memory bounded by the cache.
         """
+        if write is None and cache.all_kept:
+            return self._prefill_consecutive(x, cache, q_mask)
+        cache.all_kept = False
         b, T, _ = x.shape
         # Slots that can hold anything yet: a full-attention cache fills from slot 0, so only
         # its first `length` slots are read (prefill cost grows with the context, not max_len).
@@ -124,6 +137,36 @@ class SelfAttention(nn.Module):
         cache["pos"] += T
         return self.wo(o.flatten(-2))
 
+    def _prefill_consecutive(self, x, cache, q_mask):
+        """Prefill when every earlier token is cached: the cached slots, put in position order,
+        and the chunk form one consecutive stretch of positions, so the training kernel (causal,
+        windowed, compacted queries) runs over [cache; chunk] with only the chunk's queries
+        selected. No (T, S + T) mask and no host sync: a 128K-token prompt goes in one pass."""
+        b, T, _ = x.shape
+        S, seen = cache["k"].shape[1], cache.length
+        n = min(seen, S)  # cached tokens: positions seen - n .. seen - 1
+        cache.advance(T, self.window)
+        positions = seen + torch.arange(T, device=x.device)
+        q, k, v = self._qkv(x, positions)
+        qm = torch.ones(b, T, dtype=torch.bool, device=x.device) if q_mask is None else q_mask
+        if n:
+            order = (seen - n + torch.arange(n, device=x.device)) % S  # slots, oldest first
+            k = torch.cat([cache["k"][:, order].to(k.dtype), k], dim=1)  # (B, n + T, Hkv, D)
+            v = torch.cat([cache["v"][:, order].to(v.dtype), v], dim=1)
+            q = torch.cat([q.new_zeros(b, n, *q.shape[2:]), q], dim=1)
+            qm = torch.cat([qm.new_zeros(b, n), qm], dim=1)
+        dense = n == 0 and q_mask is None
+        o = selective_attention(q, k, v, q_mask=None if dense else qm, window=self.window)[:, n:]
+        # the chunk's newest min(T, S) tokens go to the slots after the last one written
+        keep = min(T, S)
+        slots = (seen + T - keep + torch.arange(keep, device=x.device)) % S
+        cache["k"][:, slots] = k[:, -keep:].to(cache["k"].dtype)
+        cache["v"][:, slots] = v[:, -keep:].to(cache["v"].dtype)
+        cache["slot_pos"][:, slots] = positions[-keep:]
+        cache["written"] += T
+        cache["pos"] += T
+        return self.wo(o.flatten(-2))
+
     def _append(self, cache, k, v, positions, keep):
         """Write a chunk's kept tokens into the cache; a ring (windowed) keeps the newest S."""
         S = cache["k"].shape[1]
@@ -141,6 +184,8 @@ class SelfAttention(nn.Module):
         """x (B, d) -> (B, d) for the next token. `write` (B,) bool: cache this token's K/V
         (None: every token). A bounded cache is a ring: slot = written % slots."""
         b = x.shape[0]
+        if write is not None:
+            cache.all_kept = False
         pos = cache["pos"]
         q, k, v = self._qkv(x[:, None], pos[:, None])  # (B, 1, H, D)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
@@ -174,6 +219,46 @@ def rope_theta_field():
     return field(10000.0, "RoPE base, when positional is rope", gt=0)
 
 
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def validate_rope_scaling(scaling, path: str) -> None:
+    """`rope_scaling` is null or {type: llama3, factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings}, every number > 0 and high_freq_factor > low_freq_factor."""
+    if scaling is None:
+        return
+    path = join_path(path, "rope_scaling")
+    if not isinstance(scaling, dict):
+        raise ConfigError(path, f"must be a mapping like {{type: llama3, factor: 8, ...}}, got {scaling!r}")
+    if scaling.get("type") != "llama3":
+        raise ConfigError(join_path(path, "type"), f"must be llama3 (the only scaling supported), "
+                                                   f"got {scaling.get('type')!r}")
+    for key in scaling:
+        if key != "type" and key not in LLAMA3_SCALING_KEYS:
+            raise ConfigError(join_path(path, str(key)), f"unknown key; known: type, {', '.join(LLAMA3_SCALING_KEYS)}")
+    for key in LLAMA3_SCALING_KEYS:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(join_path(path, key), f"must be a number > 0, got {value!r}")
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(join_path(path, "high_freq_factor"), "must be > low_freq_factor")
+
+
+def llama3_rope_angles(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict):
+    """`rope_angles` with Llama 3.1's frequency scaling: wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are stretched `factor` times, those shorter
+    than original_max_position_embeddings / high_freq_factor are kept, and the band between
+    blends the two linearly in original_max_position_embeddings / wavelength."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    # 0 at the long-wavelength edge (all scaled), 1 at the short one (unchanged)
+    smooth = ((scaling["original_max_position_embeddings"] / wavelen - low) / (high - low)).clamp(0, 1)
+    inv_freq = (1 - smooth) * inv_freq / scaling["factor"] + smooth * inv_freq
+    ang = positions.float()[..., None] * inv_freq
+    return ang.cos(), ang.sin()
+
+
 class AttentionShape:
     """Parameter count, projection FLOPs and cache size of a `SelfAttention`, from a config's
     head_dim, n_kv_heads and window."""
@@ -197,11 +282,15 @@ class AttentionConfig(Config, BlockConfigMixin, AttentionShape):
     n_kv_heads: Optional[int] = n_kv_heads_field()
     positional: str = field("rope", "positional encoding inside attention", choices=("rope", "none"))
     rope_theta: float = rope_theta_field()
+    rope_scaling: Optional[dict] = field(
+        None, "RoPE frequency scaling of Llama 3.1 (null: none): {type: llama3, factor, "
+        "low_freq_factor, high_freq_factor, original_max_position_embeddings}", nullable=True)
 
     window = None  # full causal attention
 
     def validate(self, d_model: int, path: str = "") -> None:
         validate_heads(d_model, self.head_dim, self.n_kv_heads, path)
+        validate_rope_scaling(self.rope_scaling, path)
 
     def num_params(self, d_model: int) -> int:
         return d_model + self.attn_params(d_model)
@@ -231,10 +320,10 @@ class _AttentionBlock(Block):
         super().__init__(cfg, d_model, n_layers)
         self.norm = RMSNorm(d_model)
         self.attn = SelfAttention(d_model, cfg.head_dim, cfg.n_kv_heads, cfg.positional,
-                                  cfg.rope_theta, cfg.window, n_layers)
+                                  cfg.rope_theta, cfg.window, n_layers, cfg.rope_scaling)
 
     def forward(self, x, aux=None):
-        return x + self.attn(self.norm(x))
+        return x + self.attn(self.norm(x), seq_idx=aux.seq_idx if aux is not None else None)
 
     def allocate_cache(self, batch, max_len, device=None, dtype=None):
         return self.attn.allocate_cache(batch, max_len, device, dtype)

@@ -22,6 +22,10 @@ class Aux:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     scope: str = "block"  # set by the model to the running layer, e.g. "layers.6.sal"
     step: int | None = None  # the optimizer step being trained (set by the trainer; None elsewhere)
+    # (B, L) int: packed documents, each row's document ordinals (0, 0, 1, 1, 1, 2, ...,
+    # non-decreasing). No block may carry state or attention across a change of id; each block
+    # decides what that means for it. None: every row is one sequence.
+    seq_idx: torch.Tensor | None = None
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         self.losses[f"{self.scope}/{name}"] = value

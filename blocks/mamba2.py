@@ -131,9 +131,10 @@ class Mamba2Block(Block):
         x, B, C = torch.split(xBC, self.xbc_split, dim=-1)
         return x, B, C
 
-    def _mix(self, h, z, xBC, dt, initial_states=None):
+    def _mix(self, h, z, xBC, dt, initial_states=None, seq_idx=None):
         """Conv'd xBC (B, L, conv_dim) -> SSD -> gated norm -> out-proj + residual.
-        Returns (output, final SSM state or None)."""
+        Returns (output, final SSM state or None). `seq_idx` (B, L): packed documents, the
+        SSM state restarts at each."""
         cfg = self.cfg
         b, L, _ = h.shape
         x, B, C = self._ssd_inputs(xBC)
@@ -142,6 +143,7 @@ class Mamba2Block(Block):
             B.reshape(b, L, cfg.ngroups, cfg.d_state), C.reshape(b, L, cfg.ngroups, cfg.d_state),
             chunk_size=cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
             initial_states=initial_states, return_final_states=initial_states is not None,
+            seq_idx=seq_idx,
         )
         y, final = out if initial_states is not None else (out, None)  # y (b, L, H, P)
         y = gated_rms_norm(y.reshape(b, L, self.d_inner), z, self.norm_gated, eps=1e-5,
@@ -150,9 +152,12 @@ class Mamba2Block(Block):
         return h + self.out_proj(y), final
 
     def forward(self, h, aux=None):
+        # packed documents: neither the conv window nor the SSM state crosses a document start
+        seq_idx = aux.seq_idx if aux is not None else None
         z, xBC, dt = torch.split(self.in_proj(self.norm(h)), self.split, dim=-1)
-        xBC = causal_conv1d(xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias)  # (b, L, conv_dim)
-        return self._mix(h, z, xBC, dt)[0]
+        xBC = causal_conv1d(xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                            seq_idx=seq_idx)  # (b, L, conv_dim)
+        return self._mix(h, z, xBC, dt, seq_idx=seq_idx)[0]
 
     def allocate_cache(self, batch, max_len, device=None, dtype=None):
         cfg = self.cfg

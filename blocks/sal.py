@@ -159,6 +159,29 @@ class SALConfig(Config, BlockConfigMixin, AttentionShape):
         return f"C={self.capacity:g} w={self.window} {pe} kv={self.kv}{extra}"
 
 
+def documents(seq_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed documents seq_idx (B, L) -> doc (B*L,), each token's document numbered across
+    the batch (a document is a run of one id in a row), and n (B*L,), the tokens of each
+    document number (zeros past the last one)."""
+    first = torch.ones_like(seq_idx, dtype=torch.bool)
+    first[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    doc = first.flatten().long().cumsum(0) - 1
+    n = torch.zeros_like(doc).index_add_(0, doc, torch.ones_like(doc))
+    return doc, n
+
+
+def sequence_shares(m: torch.Tensor, seq_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Share of m (B, L) per sequence, and a weight saying which entries are sequences (1) or
+    padding (0): one per row, or with packed documents one per document (B*L entries, the
+    first ones used), so Eq. 7 holds each document to C as if it were trained alone. Sizes
+    stay fixed: no host synchronisation."""
+    if seq_idx is None:
+        return m.mean(dim=1), torch.ones(m.shape[0], device=m.device, dtype=m.dtype)
+    doc, n = documents(seq_idx)
+    sums = torch.zeros(n.shape, device=m.device, dtype=m.dtype).index_add(0, doc, m.flatten())
+    return sums / n.clamp(min=1).to(m.dtype), (n > 0).to(m.dtype)
+
+
 @register_block("sal", "S", SALConfig, "Taipan Selective Attention Layer: gate, sparse windowed attention, SwiGLU")
 class SALBlock(Block):
     def __init__(self, cfg: SALConfig, d_model: int, n_layers: int):
@@ -197,13 +220,17 @@ class SALBlock(Block):
     # after 150 steps of tests/test_sal_training.py; 0.9 tracks it)
     CALIBRATION_MOMENTUM = 0.9
 
-    def select(self, s: torch.Tensor) -> torch.Tensor:
-        """s (..., 2) fp32 gate logits -> m (...) in {0, 1}; straight-through while training."""
+    def select(self, s: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """s (..., 2) fp32 gate logits -> m (...) in {0, 1}; straight-through while training.
+        Per token (Gumbel noise included) except inference: topk, which ranks each packed
+        document (`seq_idx`) on its own."""
         if self.training:
             if self.cfg.inference == "calibrated":
                 self._calibrate(s.detach())
             return F.gumbel_softmax(s, tau=self.cfg.temperature, hard=True)[..., 1]
-        return self.infer_select(s).to(s.dtype)
+        # seq_idx only when there is one, so rules that take s alone (overrides) still fit
+        m = self.infer_select(s) if seq_idx is None else self.infer_select(s, seq_idx)
+        return m.to(s.dtype)
 
     @torch.no_grad()
     def _calibrate(self, s: torch.Tensor) -> None:
@@ -214,18 +241,33 @@ class SALBlock(Block):
         q = d.kthvalue(k).values
         self.select_threshold.lerp_(q.to(self.select_threshold.dtype), 1 - self.CALIBRATION_MOMENTUM)
 
-    def infer_select(self, s: torch.Tensor) -> torch.Tensor:
-        """Inference selection (cfg.inference) as bool; s (B, L, 2) or, per token, (..., 2)."""
+    def infer_select(self, s: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference selection (cfg.inference) as bool; s (B, L, 2) or, per token, (..., 2).
+        `seq_idx` (B, L): packed documents, each ranked on its own by topk."""
         d = s[..., 1] - s[..., 0]
         if self.cfg.inference == "threshold":
             return d > 0
         if self.cfg.inference == "calibrated":
             return d > self.select_threshold
+        if seq_idx is not None:
+            return self._topk_per_document(d, seq_idx)
         # topk: the ceil(C*L) highest-scoring tokens of each sequence (needs the whole sequence)
         L = d.shape[-1]
         k = min(max(int(math.ceil(self.cfg.capacity * L)), 1), L)
         idx = d.topk(k, dim=-1).indices
         return torch.zeros_like(d, dtype=torch.bool).scatter_(-1, idx, True)
+
+    def _topk_per_document(self, d: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+        """topk with packed documents: the ceil(C*n) highest-scoring tokens of each document of
+        n tokens, as if each were its own sequence. d (B, L) -> (B, L) bool."""
+        doc, n = documents(seq_idx)
+        order = d.flatten().argsort(descending=True, stable=True)  # (B*L,) best first
+        order = order[doc[order].argsort(stable=True)]  # grouped by document, best first in each
+        first = n.cumsum(0) - n  # each document's first slot in `order`
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=d.device) - first[doc[order]]
+        k = torch.ceil(self.cfg.capacity * n.double()).long().clamp(min=1)  # as in infer_select
+        return (rank < k[doc]).view_as(d)
 
     def _causal_select(self, s: torch.Tensor) -> torch.Tensor:
         if self.cfg.inference == "topk":
@@ -244,15 +286,18 @@ class SALBlock(Block):
         delta = torch.where(rows[..., None], delta, torch.zeros_like(delta))
         return h + (m * a)[..., None].to(h.dtype) * delta
 
-    def _attend(self, u, q_mask, selected):
+    def _attend(self, u, q_mask, selected, seq_idx=None):
         """Attention output (B, L, d) for the queries in q_mask (None: all), zero rows elsewhere;
-        K/V from the `selected` tokens only in kv: selected mode."""
+        K/V from the `selected` tokens only in kv: selected mode; within each packed document
+        (`seq_idx`) only. The window stays in the row's positions: inside one document they
+        differ by the same amounts as alone."""
         kv_mask = selected if self.cfg.kv == "selected" else None
-        return self.attn(u, q_mask=q_mask, kv_mask=kv_mask)
+        return self.attn(u, q_mask=q_mask, kv_mask=kv_mask, seq_idx=seq_idx)
 
-    def _train_mix(self, h, u, a, m):
+    def _train_mix(self, h, u, a, m, seq_idx=None):
         """The refined h in training, by cfg.signal (see the field's help); m (B, L) is the
-        gate's straight-through selection (the budget loss counts it, not the explored tokens)."""
+        gate's straight-through selection (the budget loss counts it, not the explored tokens).
+        Every signal is per token, so with packed documents only the attention needs seq_idx."""
         selected = m.detach() > 0.5
         signal = self.cfg.signal
         if signal == "explore":
@@ -261,36 +306,39 @@ class SALBlock(Block):
             m = torch.where(extra, m + (1 - m.detach()), m)
             selected = selected | extra
         if signal in ("selected", "explore"):
-            return self.refine(h, self._attend(u, selected, selected), a, m, selected)
+            return self.refine(h, self._attend(u, selected, selected, seq_idx), a, m, selected)
         everyone = torch.ones_like(selected)
         if signal == "all":  # m = 0 keeps the unselected rows out of the forward
-            return self.refine(h, self._attend(u, None, selected), a, m, everyone)
+            return self.refine(h, self._attend(u, None, selected, seq_idx), a, m, everyone)
         # dense: the selected queries as in `selected`; the others through a detached input, so
         # their attention output reaches neither the forward (m = 0) nor the residual stream's
         # gradient, and trains only the attention's weights, as if selected
-        o = self._attend(u, selected, selected)
-        o_unsel = self._attend(u.detach(), ~selected, selected)
+        o = self._attend(u, selected, selected, seq_idx)
+        o_unsel = self._attend(u.detach(), ~selected, selected, seq_idx)
         y = self.refine(h, o + o_unsel.detach(), a, m, everyone)  # gate: ST at every token
         weight = (a.detach() * (~selected))[..., None].to(h.dtype)  # d y / d o had it been picked
         return y + weight * (o_unsel - o_unsel.detach())
 
     def forward(self, h, aux=None):
+        seq_idx = aux.seq_idx if aux is not None else None  # packed documents (B, L) or None
         u = self.norm(h)
         s = self.gate(u).float()  # (B, L, 2), Eq. 1
         a = torch.softmax(s, dim=-1)[..., 1]  # P(select), the mix weight of Eq. 5
-        m = self.select(s)  # (B, L) hard 0/1, Eq. 2-3
+        # (B, L) hard 0/1, Eq. 2-3; seq_idx only when packed, so overrides of s alone still fit
+        m = self.select(s) if seq_idx is None else self.select(s, seq_idx)
         if self.training:
-            h = self._train_mix(h, u, a, m)
+            h = self._train_mix(h, u, a, m, seq_idx)
         else:
             selected = m > 0.5
-            h = self.refine(h, self._attend(u, selected, selected), a, m, selected)
+            h = self.refine(h, self._attend(u, selected, selected, seq_idx), a, m, selected)
         if aux is not None:
-            frac = m.mean(dim=1)  # (B,) the gate's own share per sequence; carries the ST gradient
+            # the gate's own share per sequence (a packed document is one); carries the ST gradient
+            frac, real = sequence_shares(m, seq_idx)
             target = self.cfg.capacity_at(aux.step if self.training else None)
-            budget = ((target - frac) ** 2).mean()
+            budget = (real * (target - frac) ** 2).sum() / real.sum()  # mean over the sequences
             aux.add_loss("budget_loss", self.cfg.budget_weight * budget)
             aux.add_metric("budget_loss", budget)
-            aux.add_metric("selected_frac", frac.mean())
+            aux.add_metric("selected_frac", (real * frac).sum() / real.sum())
         return h + self.mlp(self.mlp_norm(h))
 
     def allocate_cache(self, batch, max_len, device=None, dtype=None):
@@ -344,7 +392,7 @@ class SALBlock(Block):
     def ablate(self):
         """Select no token at inference: the attention adds nothing, the SwiGLU still runs."""
         def nothing(rule):
-            return lambda s: torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
+            return lambda s, seq_idx=None: torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
         return override_method(self, "infer_select", nothing)
 
     def record(self):
@@ -353,8 +401,8 @@ class SALBlock(Block):
         recorder = Recorder("selected", "P(select)")
 
         def recorded(rule):
-            def select(s):
-                m = rule(s)
+            def select(s, seq_idx=None):
+                m = rule(s) if seq_idx is None else rule(s, seq_idx)
                 recorder.add(m, torch.softmax(s.float(), dim=-1)[..., 1])
                 return m
             return select

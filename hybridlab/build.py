@@ -75,6 +75,8 @@ def build(arch_path: str, out: str | None = None, seq_len: int = 4096, forward: 
           device: str | None = None) -> int:
     if seq_len < 1:
         raise UserError(f"--seq-len must be >= 1, got {seq_len}")
+    if out and Path(out).exists() and not Path(out).is_dir():  # before any work is done
+        raise UserError(f"--out {out}: is a file; give a folder for arch.yaml and the weights")
     arch = load_arch(arch_path)
     check_training(arch_path)
     print("\n".join(report(arch, seq_len)))
@@ -110,8 +112,6 @@ def build(arch_path: str, out: str | None = None, seq_len: int = 4096, forward: 
         from safetensors.torch import save_model
 
         out_dir = Path(out)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UserError(f"--out {out}: is a file; give a folder for arch.yaml and the weights")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "arch.yaml").write_text(arch.to_yaml())
         save_model(model.cpu(), str(out_dir / "model.safetensors"), metadata={"arch_hash": arch.arch_hash()})

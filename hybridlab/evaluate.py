@@ -94,7 +94,7 @@ def run_eval(path: str, out_dir: str | None = None, batches: int = 20, max_facto
     # each phase says what it is about to do first: on a CPU the whole command takes minutes
     print(f"validating on {batches} batches of {cfg.batch_size} (every block on, then off where "
           "a block can be turned off) ...", flush=True)
-    v = validate(model, dataset, cfg.batch_size, batches, dev, amp, each_off=True)
+    v = validate(model, dataset, cfg.batch_size, batches, dev, amp, each_off=True, packed=cfg.pack_documents)
     val = results["validation"] = v.scalars
     trained_step, trained = last_training_block_metrics(lo.run_dir, lo.step, model.scopes)
     results["blocks"] = block_results(model.scopes, val, v.histograms, trained, trained_step)

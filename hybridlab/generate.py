@@ -28,7 +28,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, on_token=None, chunk: int = 4096,
+             top_p: float = 1.0, seed: int | None = None, on_token=None, chunk: int | None = None,
              use_cache: bool = True, cuda_graph: bool = False) -> torch.Tensor:
     """prompt (B, T) -> (B, T + max_new_tokens). `on_token(ids (B,))` streams each new token.
 
@@ -41,8 +41,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     out = prompt
     if use_cache:
         caches = model.allocate_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-        for s in range(0, prompt.shape[1], chunk):
-            logits = model.prefill(prompt[:, s:s + chunk], caches)
+        logits = model.prefill_prompt(prompt, caches, chunk)
     else:
         logits = model(prompt).logits[:, -1]
     step = None

@@ -58,14 +58,18 @@ class HybridLM(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                return_logits: bool = True, step: int | None = None) -> LMOutput:
+                return_logits: bool = True, step: int | None = None,
+                seq_idx: torch.Tensor | None = None) -> LMOutput:
         """idx (B, L) token ids; targets (B, L) next tokens, -100 to ignore; `step`: the training
         step, passed to the blocks through Aux for step-scheduled settings (None: their end value).
+        `seq_idx` (B, L) int: documents packed in a row, numbered 0, 1, ... (non-decreasing);
+        passed to the blocks through Aux, so no state or attention crosses a document boundary
+        and each document's logits are those it would get alone. None: one sequence per row.
 
         With targets and return_logits=False (training), the head and the loss run chunk by
         chunk and the (B, L, vocab) logits are never materialised (kernels/cross_entropy.py).
         """
-        aux = Aux(step=step)
+        aux = Aux(step=step, seq_idx=seq_idx)
         h = self.embed(idx)  # (B, L, d)
         for scope, block in zip(self.scopes, self.layers):
             aux.scope = scope
@@ -90,11 +94,37 @@ class HybridLM(nn.Module):
 
     def prefill(self, idx: torch.Tensor, caches: list[dict], all_logits: bool = False) -> torch.Tensor:
         """idx (B, T) continuing the cached sequences -> logits (B, V) of the last token, or
-        (B, T, V) with `all_logits`. Long prompts go in chunks: memory stays bounded."""
+        (B, T, V) with `all_logits`. One pass: see `prefill_chunk` for prompts too long for it."""
         h = self.embed(idx)
         for block, cache in zip(self.layers, caches):
             h = block.prefill(h, cache)
         return self.logits(h if all_logits else h[:, -1])
+
+    def prefill_prompt(self, idx: torch.Tensor, caches: list[dict], chunk: int | None = None) -> torch.Tensor:
+        """A whole prompt idx (B, T) in passes of `chunk` tokens (None: `prefill_chunk`) ->
+        logits (B, V) of its last token."""
+        chunk = chunk or self.prefill_chunk(idx.shape[0], idx.shape[1])
+        for s in range(0, idx.shape[1], chunk):
+            logits = self.prefill(idx[:, s:s + chunk], caches)
+        return logits
+
+    # Activation bytes one prompt token may hold at once during a prefill, per unit of d_model:
+    # a bf16 Mamba-2 in-projection output (~4.4 d), its conv output and the SSD's fp32 output
+    # and states (~8 d), attention q/k/v and output (~4 d), the residual stream, with a 2x margin.
+    PREFILL_BYTES_PER_TOKEN_PER_DIM = 64
+
+    def prefill_chunk(self, batch: int, length: int) -> int:
+        """Tokens per prefill pass: the whole prompt when its activations fit in half of the free
+        device memory (kernels carry the state across passes, so longer prompts go in the fewest
+        passes that fit); 4096 on the CPU, whose reference attention is quadratic in memory."""
+        device = self.embed.weight.device
+        if device.type != "cuda":
+            return min(length, 4096)
+        free, _ = torch.cuda.mem_get_info(device)
+        per_token = self.PREFILL_BYTES_PER_TOKEN_PER_DIM * self.arch.d_model * batch
+        fits = max(1024, int(free // 2 // per_token) // 1024 * 1024)
+        passes = -(-length // fits)
+        return -(-length // passes)
 
     def step(self, idx: torch.Tensor, caches: list[dict]) -> torch.Tensor:
         """idx (B,) the next token of each sequence -> logits (B, V); advances the caches."""

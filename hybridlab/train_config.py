@@ -12,9 +12,21 @@ from hybridlab.config import Config, ConfigError, field, join_path
 @dataclass(frozen=True)
 class TrainConfig(Config):
     seq_len: int = field(256, "tokens per training sequence", ge=2)
-    batch_size: int = field(16, "sequences per optimizer step", ge=1)
+    batch_size: int = field(16, "sequences per optimizer step over every process, unless tokens_per_step "
+                                "is set; also sequences per validation batch", ge=1)
+    tokens_per_step: Optional[int] = field(None, "tokens per optimizer step over every process and micro-batch "
+                                                 "(paper: 524288); a multiple of seq_len, it sets the step's "
+                                                 "sequences to tokens_per_step / seq_len (null: batch_size * "
+                                                 "seq_len)", ge=1, nullable=True)
+    micro_batch_size: Optional[int] = field(None, "sequences per forward/backward on each process; gradients "
+                                                  "accumulate over the step (null: the process's whole share, on "
+                                                  "CUDA the largest power of two of it that fits)", ge=1, nullable=True)
+    pack_documents: bool = field(True, "with prepared data (documents packed into sequences): no attention or "
+                                       "state crosses a document boundary; false: they flow across")
+    parallel: str = field("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: "
+                                 "weights, gradients and optimizer sharded)", choices=("ddp", "fsdp"))
     steps: Optional[int] = field(1000, "optimizer steps (null: derive from tokens)", ge=1, nullable=True)
-    tokens: Optional[int] = field(None, "training tokens; sets steps = tokens / (batch_size * seq_len)",
+    tokens: Optional[int] = field(None, "training tokens; sets steps = tokens / tokens per step",
                                   ge=1, nullable=True)
     lr: float = field(5e-4, "peak learning rate (paper: 5e-4)", gt=0)
     min_lr: float = field(1e-5, "cosine floor (paper: 1e-5)", ge=0)
@@ -33,20 +45,63 @@ class TrainConfig(Config):
     device: str = field("auto", "auto: cuda if present", choices=("auto", "cpu", "cuda"))
     runs_dir: str = field("runs", "where run folders go")
     run_name: Optional[str] = field(None, "run folder name (null: <arch name>-<time>)", nullable=True)
+    init_from: Optional[str] = field(None, "start from this checkpoint's weights (a checkpoint or run folder, "
+                                           "relative to the YAML's folder), e.g. one `hybridlab import` or "
+                                           "`upcycle` wrote; not its optimizer or step (null: fresh init)",
+                                     nullable=True)
+    freeze: Optional[list] = field(None, "parts not trained: block types (mamba2), layer indices (3) or embed, "
+                                         "norm_f, head, e.g. [mamba2, embed] (null: train everything)",
+                                   nullable=True)
+    lr_multipliers: Optional[dict] = field(None, "peak lr multiplier per block type, layer index or embed/"
+                                                 "norm_f/head, e.g. {sal: 10} (null: lr everywhere)", nullable=True)
 
     block_name = "training"
 
     def validate(self, d_model: int = 0, path: str = "") -> None:
         if self.min_lr > self.lr:
             raise ConfigError(join_path(path, "min_lr"), f"must be <= lr ({self.lr}), got {self.min_lr}")
+        if self.tokens_per_step is not None and self.tokens_per_step % self.seq_len:
+            raise ConfigError(join_path(path, "tokens_per_step"), f"must be a multiple of seq_len "
+                                                                  f"({self.seq_len}), got {self.tokens_per_step}")
+        if self.micro_batch_size is not None and self.global_batch() % self.micro_batch_size:
+            raise ConfigError(join_path(path, "micro_batch_size"), f"must divide the step's "
+                                                                   f"{self.global_batch()} sequences, got "
+                                                                   f"{self.micro_batch_size}")
+        check_part_keys(self.freeze, join_path(path, "freeze"), list)
+        check_part_keys(self.lr_multipliers, join_path(path, "lr_multipliers"), dict)
+
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, over every process and micro-batch."""
+        if self.tokens_per_step is not None:
+            return self.tokens_per_step // self.seq_len
+        return self.batch_size
 
     def total_steps(self) -> int:
         if self.tokens is not None:
-            return max(1, self.tokens // (self.batch_size * self.seq_len))
+            return max(1, self.tokens // (self.global_batch() * self.seq_len))
         return self.steps
 
     def warmup(self) -> int:
         return min(self.warmup_steps, max(self.total_steps() - 1, 0))
+
+
+def check_part_keys(value, path: str, kind: type) -> None:
+    """freeze (a list) and lr_multipliers (a mapping to numbers > 0) name model parts: block
+    types or embed/norm_f/head (strings), or layer indices (integers >= 0). Whether the model has
+    them is checked when training starts (hybridlab/finetune.py)."""
+    if value is None:
+        return
+    if not isinstance(value, kind):
+        example = "[mamba2, embed]" if kind is list else "{sal: 10}"
+        raise ConfigError(path, f"must be a {'list' if kind is list else 'mapping'} like {example}, got {value!r}")
+    for i, key in enumerate(value):
+        where = join_path(path, i if kind is list else str(key))
+        if isinstance(key, bool) or not isinstance(key, (str, int)) or (isinstance(key, int) and key < 0):
+            raise ConfigError(where, f"must be a block type, embed, norm_f, head or a layer index >= 0, got {key!r}")
+        if kind is dict:
+            m = value[key]
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float("inf"):
+                raise ConfigError(where, f"must be a number > 0, got {m!r}")
 
 
 def parse_training(raw: Any, overrides: dict[str, Any] | None = None, source: str | None = None):

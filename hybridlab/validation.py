@@ -37,10 +37,11 @@ def group_metrics(model, batches, device, amp=None, recording: RecordBlocks | No
     the one value not yet asked for; the first cannot: chance there is 1 / pairs). With
     `recording` (entered), what the blocks decided per token is collected batch by batch."""
     loss, hits, count, first_hits, firsts = 0.0, 0, 0, 0, 0
-    for inputs, targets in batches:
+    for inputs, targets, *packed in batches:  # packed: (seq_idx,) for packed documents
         inputs, targets = inputs.to(device), targets.to(device)
+        seq_idx = packed[0].to(device) if packed else None
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(inputs)
+            out = model(inputs, seq_idx=seq_idx)
         if recording is not None:
             recording.collect(targets)
         l, h, c, fh, fc = _loss_and_hits(out.logits, targets)
@@ -51,9 +52,16 @@ def group_metrics(model, batches, device, amp=None, recording: RecordBlocks | No
             "tokens": count}
 
 
+def heldout(dataset, batch_size: int, max_batches: int, packed: bool = False):
+    """The held-out batches; with `packed` (documents packed as in training), with seq_idx."""
+    if packed and hasattr(dataset, "eval_batches_packed"):
+        return dataset.eval_batches_packed(batch_size, max_batches)
+    return dataset.eval_batches(batch_size, max_batches)
+
+
 @torch.no_grad()
 def ablation_metrics(model, dataset, batch_size: int, max_batches: int, device, amp=None,
-                     each: bool = False) -> dict:
+                     each: bool = False, packed: bool = False) -> dict:
     """The held-out set again with every block that can be turned off (Block.ablate), off:
     val/loss_off, val/ppl_off and, in tasks, val/acc_off, val/acc_first_off (at the training
     difficulty: the set of val/loss). {} when no block can be turned off. `each`: also each such
@@ -64,7 +72,7 @@ def ablation_metrics(model, dataset, batch_size: int, max_batches: int, device, 
         with blocks_off(model, only) as off:
             if not off:
                 return None
-            g = group_metrics(model, dataset.eval_batches(batch_size, max_batches), device, amp)
+            g = group_metrics(model, heldout(dataset, batch_size, max_batches, packed), device, amp)
         m = {"loss_off": g["loss"], "ppl_off": perplexity(g["loss"])}
         if task:
             m.update(acc_off=g["acc"], acc_first_off=g["acc_first"])
@@ -95,17 +103,17 @@ class Validation:
 
 @torch.no_grad()
 def validate(model, dataset, batch_size: int, max_batches: int, device, amp=None,
-             each_off: bool = False) -> Validation:
+             each_off: bool = False, packed: bool = False) -> Validation:
     """val/loss and val/ppl on the held-out set; for synthetic tasks also accuracy on the
     answer positions per difficulty group (val/acc/<group>) and their mean (val/acc); what each
     block reports of what it recorded there (e.g. blocks/<scope>/eval_selected_frac and its mean
     val/selected_frac); and the ablation probe (`ablation_metrics`, each block alone too with
-    `each_off`)."""
+    `each_off`). `packed`: packed documents see only themselves, as in training."""
     was_training = model.training
     model.eval()
     task = dataset.kind == "task"  # answers exist only in tasks; text scores every position
     with RecordBlocks(model, answers=task) as recording:
-        main = group_metrics(model, dataset.eval_batches(batch_size, max_batches), device, amp, recording)
+        main = group_metrics(model, heldout(dataset, batch_size, max_batches, packed), device, amp, recording)
     # (for tasks, eval_batches is also one of eval_groups: evaluated twice, cheap at these sizes)
     out = {"val/loss": main["loss"], "val/ppl": perplexity(main["loss"])}
     diagnostics = block_reports(model, recording.records)
@@ -119,7 +127,7 @@ def validate(model, dataset, batch_size: int, max_batches: int, device, amp=None
             out[f"val/acc_first/{name}"] = firsts[name]
         out["val/acc"] = sum(accs.values()) / max(len(accs), 1)
         out["val/acc_first"] = sum(firsts.values()) / max(len(firsts), 1)
-    out.update(ablation_metrics(model, dataset, batch_size, max_batches, device, amp, each_off))
+    out.update(ablation_metrics(model, dataset, batch_size, max_batches, device, amp, each_off, packed))
     model.train(was_training)
     return Validation(out, diagnostics.histograms, diagnostics.warnings, main)
 

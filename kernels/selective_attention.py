@@ -4,9 +4,13 @@ Full causal attention and sliding-window attention are the special case "every q
 selected", so `attention`, `swa` and `sal` all call `selective_attention`.
 
     key j is visible to query i  iff  j <= i  and  i - j < window  and  kv_mask[j]
+                                      and  seq_idx[j] == seq_idx[i]
 
 The window is measured in original token positions, not among selected tokens. A query
 always sees itself, so no row of the softmax is empty. Unselected queries output zeros.
+`seq_idx` (b, L) int numbers the documents packed in a row (0, 0, 1, 1, 1, 2, ...): each is a
+contiguous run of one id (ids non-decreasing, as packing makes them), so a query sees only
+keys of its own document, from the document's first token on.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from .dispatch import triton_impl, use_triton
 
 
-def _visibility(L, window, q_mask, kv_mask, device):
+def _visibility(L, window, q_mask, kv_mask, device, seq_idx=None):
     """(b or 1, 1, L, L) bool: which keys each query may attend to."""
     i = torch.arange(L, device=device)
     rel = i[:, None] - i[None, :]  # query - key
@@ -28,15 +32,19 @@ def _visibility(L, window, q_mask, kv_mask, device):
     vis = vis[None, None]
     if kv_mask is not None:
         vis = vis & (kv_mask[:, None, None, :] | torch.eye(L, dtype=torch.bool, device=device))
+    if seq_idx is not None:  # packed documents: nothing crosses a change of id
+        vis = vis & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
     return vis
 
 
-def selective_attention_ref(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None):
-    """q (b, L, hq, d); k, v (b, L, hkv, d); masks (b, L) bool. Returns (b, L, hq, d)."""
+def selective_attention_ref(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None,
+                            seq_idx=None):
+    """q (b, L, hq, d); k, v (b, L, hkv, d); masks (b, L) bool; seq_idx (b, L) int.
+    Returns (b, L, hq, d)."""
     b, L, hq, d = q.shape
     hkv = k.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    vis = _visibility(L, window, q_mask, kv_mask, q.device)
+    vis = _visibility(L, window, q_mask, kv_mask, q.device, seq_idx)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, L, d)
     if hkv != hq:  # GQA: each K/V head serves hq // hkv query heads
         kt = kt.repeat_interleave(hq // hkv, dim=1)
@@ -71,12 +79,13 @@ def selective_attention_decode_ref(q, k_cache, v_cache, slot_pos, pos, window=No
     return torch.einsum("bhs,bhsd->bhd", p, vt.float()).to(q.dtype)
 
 
-def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None):
+def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None,
+                        seq_idx=None):
     impl = triton_impl("selective_attention_triton") if use_triton(q) else None
     if impl is not None:
         return impl.selective_attention(q, k, v, q_mask=q_mask, kv_mask=kv_mask,
-                                        window=window, scale=scale)
-    return selective_attention_ref(q, k, v, q_mask, kv_mask, window, scale)
+                                        window=window, scale=scale, seq_idx=seq_idx)
+    return selective_attention_ref(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
 
 
 def selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window=None, scale=None):

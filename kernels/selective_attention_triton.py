@@ -3,6 +3,7 @@
 Same function as `selective_attention_ref` (see `selective_attention.py`):
 
     key j is visible to query i  iff  j <= i  and  i - j < window  and  (kv_mask[j] or j == i)
+                                      and  seq_idx[j] == seq_idx[i]
 
 and queries outside `q_mask` output zeros. Layout is the projections' (b, L, h, d); nothing
 is transposed or copied.
@@ -38,7 +39,15 @@ How the work is laid out
   dq the way the forward does for o.
 * No `q_mask` is the dense case (every query selected): positions equal compacted indices and
   no index arrays are read (constexpr DENSE). This is the full-causal / sliding-window path.
-* Decode: one program per (batch, query head) streams the ring-buffer cache.
+* Packed documents (`seq_idx`, constexpr HAS_SEQ): for non-decreasing ids, "same document" is
+  "key at or after the query's document start" (forward, dq) or "query before the key's
+  document end" (dk/dv), so the host turns seq_idx into doc_start / doc_end (b, L) and each
+  query's (or key's) window is cut there (`_doc_windows`): the document mask is tested where the
+  window edge is, at no extra cost per score, and the key (query) ranges stop at the tile's
+  document bounds, so blocks of other documents are skipped, not masked.
+* Decode (flash-decoding): the cache's slots are split among programs, each with one (batch,
+  query head) and one range of slots, so a long cache streams at memory speed even at batch 1;
+  a second small kernel merges the splits' softmax states.
 
 Scores are kept in the log2 domain (q . k * scale * log2 e) so the softmax uses exp2.
 Masked scores are set to a large finite negative number, not -inf: a row that has seen only
@@ -47,6 +56,7 @@ key, and every row has one (its own position), so no NaN can appear.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -89,7 +99,7 @@ _FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 
 _DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)]
 _DKDV_CONFIGS = [(16, 64, 4, 3, 128), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3, 168), (16, 64, 4, 4, 128)]
 _INTERP_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
-_TUNE_KEY = ["L", "window", "HEAD_DIM", "DENSE", "HAS_KV_MASK"]
+_TUNE_KEY = ["L", "window", "HEAD_DIM", "DENSE", "HAS_KV_MASK", "HAS_SEQ"]
 # Lengths, windows and head counts are only bounds: specialising on their divisibility would
 # recompile every kernel for each odd length or window without making anything faster.
 _NO_SPEC = ["L", "H", "GROUP", "window"]
@@ -163,7 +173,7 @@ def _score_tile(q, pos_m, k_base, v_base, kvm_base, stride_kl, stride_vl, start_
         qk = tl.where(vis, qk, _NEG)
     elif MASK == _BOTH_EDGES:
         rel = pos_m[:, None] - cols[None, :]  # query - key, original positions
-        vis = (rel >= 0) & (rel < window)
+        vis = (rel >= 0) & (cols[None, :] > (pos_m - window)[:, None])  # window: scalar or (BM,)
         if HAS_KV_MASK:
             kvm = tl.load(kvm_base + cols, mask=col_ok, other=0) != 0
             vis = vis & (kvm[None, :] | (rel == 0))
@@ -219,22 +229,44 @@ def _tile_rows(SEL_POS, RANK, b, tile, L, DENSE: tl.constexpr, BLOCK_M: tl.const
 
 
 @triton.jit
-def _key_segments(p_first, p_last, window, BLOCK_N: tl.constexpr):
+def _key_segments(p_first, p_last, w_first, w_last, BLOCK_N: tl.constexpr):
     """Split the tile's key range [lo, hi) (whole BLOCK_N blocks from lo) into
         [lo, w_end)   window edge only: keys before p_first, so causal for every row
         [w_end, b1)   both edges (empty unless the tile spans nearly a window)
         [b1, b2)      no mask: inside every row's window and before p_first
-        [b2, hi)      diagonal only: keys >= last_pos - window + 1, inside every window."""
-    lo = tl.maximum(p_first - window + 1, 0)
+        [b2, hi)      diagonal only: keys >= last_pos - w_last + 1, inside every window.
+    w_first, w_last: the first and the last row's window (the smallest window start is the
+    first row's, the largest the last row's; with packed documents a row's window is cut at
+    its document's start, see `_doc_windows`)."""
+    lo = tl.maximum(p_first - w_first + 1, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = p_last + 1
-    full_lo = tl.maximum(p_last - window + 1, 0)
+    full_lo = tl.maximum(p_last - w_last + 1, 0)
     b1 = tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo)
     d0 = tl.maximum((p_first // BLOCK_N) * BLOCK_N, lo)
     b2 = tl.maximum(d0, b1)
     w_end = tl.minimum(b1, d0)
     e_end = tl.minimum(b1, hi)
     return lo, w_end, e_end, b1, b2, hi
+
+
+@triton.jit
+def _doc_windows(DOC_START, b64, L, pos_m, p_first, p_last, window, HAS_SEQ: tl.constexpr):
+    """(window of each row, of the first row, of the last row). Packed documents (HAS_SEQ):
+    a row sees keys from max(pos - window + 1, its document's first position) on, so its
+    window shrinks to min(window, pos - doc_start + 1). The document mask then costs nothing
+    of its own: it is tested where the window edge is (`_score_tile`), and the first row's
+    window puts the tile's key range past the keys of earlier documents (`_key_segments`)."""
+    if HAS_SEQ:
+        base = DOC_START + b64 * L
+        win_m = tl.minimum(window, pos_m - tl.load(base + pos_m) + 1)  # (BM,)
+        w_first = tl.minimum(window, p_first - tl.load(base + p_first) + 1)
+        w_last = tl.minimum(window, p_last - tl.load(base + p_last) + 1)
+    else:
+        win_m = window
+        w_first = window
+        w_last = window
+    return win_m, w_first, w_last
 
 
 @triton.jit
@@ -262,11 +294,11 @@ def _zero_unselected(OUT, RANK, b, h, s_b, s_l, s_h, L, tile,
 
 @_autotune(_configs(_FWD_CONFIGS, _INTERP_BLOCKS))
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _sel_attn_fwd(Q, K, V, O, LSE, SEL_POS, RANK, KVM,
+def _sel_attn_fwd(Q, K, V, O, LSE, SEL_POS, RANK, KVM, DOC_START,
                   sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
                   L, H, GROUP, window, qk_scale,
                   HEAD_DIM: tl.constexpr, DENSE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
-                  DOT_FP32: tl.constexpr, OFF64: tl.constexpr,
+                  HAS_SEQ: tl.constexpr, DOT_FP32: tl.constexpr, OFF64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -293,7 +325,9 @@ def _sel_attn_fwd(Q, K, V, O, LSE, SEL_POS, RANK, KVM,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    lo, w_end, e_end, b1, b2, hi = _key_segments(p_first, p_last, window, BLOCK_N)
+    # with packed documents `window` is from here on per row (BM,), cut at each document start
+    window, w_first, w_last = _doc_windows(DOC_START, b64, L, pos_m, p_first, p_last, window, HAS_SEQ)
+    lo, w_end, e_end, b1, b2, hi = _key_segments(p_first, p_last, w_first, w_last, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, pos_m, k_base, v_base, kvm_base, skl, svl, lo, w_end,
                                L, window, qk_scale, _WINDOW_EDGE, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, pos_m, k_base, v_base, kvm_base, skl, svl, w_end, e_end,
@@ -353,12 +387,12 @@ def _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, stride_kl,
 
 @_autotune(_configs(_DQ_CONFIGS, _INTERP_BLOCKS))
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _sel_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEL_POS, RANK, KVM,
+def _sel_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEL_POS, RANK, KVM, DOC_START,
                      sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh,
                      sgb, sgl, sgh,
                      L, H, GROUP, window, qk_scale, scale,
                      HEAD_DIM: tl.constexpr, DENSE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
-                     DOT_FP32: tl.constexpr, OFF64: tl.constexpr,
+                     HAS_SEQ: tl.constexpr, DOT_FP32: tl.constexpr, OFF64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -384,7 +418,9 @@ def _sel_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEL_POS, RANK, KVM,
     kvm_base = KVM + b64 * L
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    lo, w_end, e_end, b1, b2, hi = _key_segments(p_first, p_last, window, BLOCK_N)
+    # with packed documents `window` is from here on per row (BM,), as in the forward
+    window, w_first, w_last = _doc_windows(DOC_START, b64, L, pos_m, p_first, p_last, window, HAS_SEQ)
+    lo, w_end, e_end, b1, b2, hi = _key_segments(p_first, p_last, w_first, w_last, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, skl, svl, lo, w_end,
                    L, window, qk_scale, _WINDOW_EDGE, HAS_KV_MASK, DOT_FP32, OFF64, BLOCK_N, HEAD_DIM)
     dq = _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, skl, svl, w_end, e_end,
@@ -434,7 +470,8 @@ def _dkdv_inner(dk, dv, k, v, kvm, offs_n, q_base, do_base, lse_base, delta_base
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
             rel = pos[None, :] - offs_n[:, None]  # query - key
-            vis = (rel >= 0) & (rel < window) & row_ok[None, :]
+            # window: scalar, or (BN,) per key with packed documents
+            vis = (rel >= 0) & (pos[None, :] < (offs_n + window)[:, None]) & row_ok[None, :]
             if HAS_KV_MASK:
                 vis = vis & (kvm[:, None] | (rel == 0))
             pT = tl.where(vis, pT, 0.0)
@@ -449,12 +486,12 @@ def _dkdv_inner(dk, dv, k, v, kvm, offs_n, q_base, do_base, lse_base, delta_base
 
 @_autotune(_configs(_DKDV_CONFIGS, _INTERP_BLOCKS))
 @triton.jit(do_not_specialize=_NO_SPEC + ["HKV"])
-def _sel_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEL_POS, RANK, KVM,
+def _sel_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEL_POS, RANK, KVM, DOC_END,
                        sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh,
                        skgb, skgl, skgh, svgb, svgl, svgh,
                        L, H, HKV, GROUP, window, qk_scale, scale,
                        HEAD_DIM: tl.constexpr, DENSE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
-                       DOT_FP32: tl.constexpr, OFF64: tl.constexpr,
+                       HAS_SEQ: tl.constexpr, DOT_FP32: tl.constexpr, OFF64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     nblk = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -481,6 +518,14 @@ def _sel_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEL_POS, RANK, KVM,
     t_diag = tl.minimum(n0 + BLOCK_N, L)
     t_win = tl.minimum(n0 + window, L)
     t_hi = tl.minimum(n0 + BLOCK_N - 1 + window, L)
+    if HAS_SEQ:
+        # Packed documents: a key is seen by queries before its document's end only, so every
+        # query is read by the key blocks of its own document alone, and `window` is from here
+        # on per key (BN,): min(window, doc_end - key), tested where the window edge is.
+        end_base = DOC_END + b64 * L
+        t_win = tl.minimum(t_win, tl.load(end_base + n0))
+        t_hi = tl.minimum(t_hi, tl.load(end_base + t_diag - 1))
+        window = tl.minimum(window, tl.load(end_base + offs_n, mask=key_ok, other=0) - offs_n)
     if DENSE:
         c_lo = n0
         c_diag = t_diag
@@ -526,12 +571,15 @@ def _sel_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEL_POS, RANK, KVM,
 # decode
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _sel_attn_decode(Q, KC, VC, SLOT_POS, POS, O,
-                     sqb, sqh, skb, sks, skh, svb, svs, svh, spb, sob, soh,
-                     S, H, GROUP, window, qk_scale,
+def _sel_attn_decode(Q, KC, VC, SLOT_POS, POS, M_PART, L_PART, ACC_PART,
+                     sqb, sqh, skb, sks, skh, svb, svs, svh, spb,
+                     S, H, GROUP, window, qk_scale, SPLIT_LEN, NSPLIT,
                      HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One query (b, h) against the cache (b, S, hkv, d): memory bound, so plain reductions."""
+    """One query (b, h) against slots [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) of the cache
+    (b, S, hkv, d): the partial softmax state (running max m, sum l, unnormalised output acc),
+    for `_sel_attn_decode_combine`. Memory bound, so plain reductions, no tensor cores."""
     bh = tl.program_id(0)
+    split = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -543,24 +591,50 @@ def _sel_attn_decode(Q, KC, VC, SLOT_POS, POS, O,
     m_i = tl.full([1], _NEG, tl.float32)
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    for s0 in range(0, S, BLOCK_S):
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, S)
+    for s0 in range(lo, hi, BLOCK_S):
         slots = s0 + offs_s
-        in_cache = slots < S
-        sp = tl.load(SLOT_POS + b64 * spb + slots, mask=in_cache, other=-1)
-        valid = in_cache & (sp >= 0) & (sp <= pos) & (sp > pos - window)
+        in_split = slots < hi
+        sp = tl.load(SLOT_POS + b64 * spb + slots, mask=in_split, other=-1)
+        valid = in_split & (sp >= 0) & (sp <= pos) & (sp > pos - window)
         k = tl.load(KC + b64 * skb + hk * skh + slots.to(tl.int64)[:, None] * sks + offs_d[None, :],
                     mask=valid[:, None], other=0.0).to(tl.float32)  # (BS, D)
         v = tl.load(VC + b64 * svb + hk * svh + slots.to(tl.int64)[:, None] * svs + offs_d[None, :],
                     mask=valid[:, None], other=0.0).to(tl.float32)
         s = tl.where(valid, tl.sum(k * q[None, :], 1), _NEG)  # (BS,)
         m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.where(valid, tl.math.exp2(s - m_new), 0.0)  # explicit zero: a row may be empty
+        p = tl.where(valid, tl.math.exp2(s - m_new), 0.0)  # explicit zero: a split may be empty
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
-    out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)  # nothing visible: zeros
-    tl.store(O + b64 * sob + h * soh + offs_d, out.to(O.dtype.element_ty))
+    part = bh.to(tl.int64) * NSPLIT + split
+    tl.store(M_PART + part + tl.arange(0, 1), m_i)
+    tl.store(L_PART + part + tl.arange(0, 1), l_i)
+    tl.store(ACC_PART + part * HEAD_DIM + offs_d, acc)
+
+
+@triton.jit
+def _sel_attn_decode_combine(M_PART, L_PART, ACC_PART, O, sob, soh, H, NSPLIT,
+                             HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr):
+    """Merge the splits' partial softmax states of one (b, h) into its output row."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, SPLIT_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = bh.to(tl.int64) * NSPLIT + offs
+    live = offs < NSPLIT
+    m = tl.load(M_PART + part, mask=live, other=_NEG)
+    l = tl.load(L_PART + part, mask=live, other=0.0)
+    acc = tl.load(ACC_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(l > 0, tl.math.exp2(m - m_max), 0.0)  # an empty split weighs nothing
+    l_sum = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0)
+    out = tl.where(l_sum > 0, out / tl.maximum(l_sum, 1e-30), 0.0)  # nothing visible: zeros
+    tl.store(O + b.to(tl.int64) * sob + h * soh + offs_d, out.to(O.dtype.element_ty))
 
 
 # Compaction: q_mask (b, L) -> rank (b, L+1), sel_pos (b, L+1), in parallel over (blocks of L,
@@ -687,9 +761,25 @@ def _check_head_dim(d):
         raise ValueError(f"selective_attention (Triton): head dim {d} must be a power of two >= 16")
 
 
+def _doc_bounds(seq_idx, L):
+    """seq_idx (b, L) -> doc_start, doc_end (b, L) int32: the first position of each token's
+    document and one past its last (a document is a run of one id). The forward and dq
+    kernels cut each query's window at its doc_start, the dk/dv kernel each key's at its
+    doc_end. A few elementwise ops and scans, no host synchronisation."""
+    seq = seq_idx.to(torch.int32)
+    pos = torch.arange(L, device=seq.device, dtype=torch.int32).expand_as(seq)
+    first = torch.ones_like(seq, dtype=torch.bool)
+    first[:, 1:] = seq[:, 1:] != seq[:, :-1]  # a document starts here
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]  # a document ends here
+    doc_start = torch.where(first, pos, 0).cummax(1).values
+    doc_end = torch.where(last, pos + 1, L).flip(1).cummin(1).values.flip(1)
+    return doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous()
+
+
 class _SelectiveAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_mask, kv_mask, window, scale):
+    def forward(ctx, q, k, v, q_mask, kv_mask, window, scale, seq_idx=None):
         b, L, hq, d = q.shape
         hkv = k.shape[2]
         _check_head_dim(d)
@@ -712,13 +802,18 @@ class _SelectiveAttention(torch.autograd.Function):
         kvm = (_as_bytes(kv_mask.to(device=q.device, dtype=torch.bool)) if has_kv
                else torch.empty(1, device=q.device, dtype=torch.uint8))
         lse = torch.empty(b, hq, max(L, 1), device=q.device, dtype=torch.float32)
+        has_seq = seq_idx is not None and L > 0
+        doc_start, doc_end = (_doc_bounds(seq_idx.to(q.device), L) if has_seq
+                              else (kvm, kvm))  # unused when not has_seq
         if b * L * hq:
             grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
             _sel_attn_fwd[grid](
-                q, k, v, o, lse, sel_pos, rank, kvm,
+                q, k, v, o, lse, sel_pos, rank, kvm, doc_start,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                 L, hq, hq // hkv, window, scale * _LOG2E,
-                HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, DOT_FP32=_INTERPRET, OFF64=off64)
+                HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
+                DOT_FP32=_INTERPRET, OFF64=off64)
+        ctx.docs = (has_seq, doc_start, doc_end)
         ctx.save_for_backward(q, k, v, o, lse, sel_pos, rank, kvm)
         ctx.meta = (window, scale, dense, has_kv)
         return o
@@ -735,7 +830,8 @@ class _SelectiveAttention(torch.autograd.Function):
         dk = _empty_like(k)  # every key block is written by the dk/dv kernel
         dv = _empty_like(v)
         if b * L * hq == 0:
-            return dq, dk.zero_(), dv.zero_(), None, None, None, None
+            return dq, dk.zero_(), dv.zero_(), None, None, None, None, None
+        has_seq, doc_start, doc_end = ctx.docs
         delta = _empty_like(lse)
         blk = 16 if _INTERPRET else 64
         _bwd_delta[(triton.cdiv(L, blk), b * hq)](
@@ -743,24 +839,27 @@ class _SelectiveAttention(torch.autograd.Function):
             HEAD_DIM=d, DENSE=dense, OFF64=off64, BLOCK_M=blk)
         grid_q = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
         _sel_attn_bwd_dq[grid_q](
-            q, k, v, do, dq, lse, delta, sel_pos, rank, kvm,
+            q, k, v, do, dq, lse, delta, sel_pos, rank, kvm, doc_start,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             L, hq, hq // hkv, window, scale * _LOG2E, scale,
-            HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, DOT_FP32=_INTERPRET, OFF64=off64)
+            HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
+            DOT_FP32=_INTERPRET, OFF64=off64)
         grid_k = lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), b * hkv)  # noqa: E731
         _sel_attn_bwd_dkdv[grid_k](
-            q, k, v, do, dk, dv, lse, delta, sel_pos, rank, kvm,
+            q, k, v, do, dk, dv, lse, delta, sel_pos, rank, kvm, doc_end,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3],
             L, hq, hkv, hq // hkv, window, scale * _LOG2E, scale,
-            HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, DOT_FP32=_INTERPRET, OFF64=off64)
-        return dq, dk, dv, None, None, None, None
+            HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
+            DOT_FP32=_INTERPRET, OFF64=off64)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None):
-    """q (b, L, hq, d); k, v (b, L, hkv, d); q_mask, kv_mask (b, L) bool or None.
+def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None, seq_idx=None):
+    """q (b, L, hq, d); k, v (b, L, hkv, d); q_mask, kv_mask (b, L) bool or None; seq_idx
+    (b, L) int or None: packed documents, runs of one id that nothing attends across.
     Returns (b, L, hq, d): attention for the selected queries, zeros elsewhere."""
-    return _SelectiveAttention.apply(q, k, v, q_mask, kv_mask, window, scale)
+    return _SelectiveAttention.apply(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
 
 
 def selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window=None, scale=None):
@@ -778,6 +877,43 @@ def selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window=None, 
     o = _empty_like(q)
     if b * hq == 0:
         return o
+    block_s = 16 if _INTERPRET else 128
+    # Split-K (flash-decoding): one (b, h) alone cannot pull a long cache at memory speed, so
+    # the slots are split until the grid fills the GPU a few times over (or splits get short).
+    n_split, split_len = _decode_splits(b * hq, S, block_s, q.device)
+    m_part = torch.empty(b * hq * n_split, device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(b * hq * n_split, d, device=q.device, dtype=torch.float32)
+    _sel_attn_decode[(b * hq, n_split)](
+        q, k_cache, v_cache, slot_pos, pos, m_part, l_part, acc_part,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        slot_pos.stride(0),
+        S, hq, hq // hkv, window, scale * _LOG2E, split_len, n_split,
+        HEAD_DIM=d, BLOCK_S=block_s, num_warps=1 if _INTERPRET else 4)
+    _sel_attn_decode_combine[(b * hq,)](
+        m_part, l_part, acc_part, o, o.stride(0), o.stride(1), hq, n_split,
+        HEAD_DIM=d, SPLIT_PAD=triton.next_power_of_2(n_split), num_warps=1 if _INTERPRET else 4)
+    return o
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _decode_splits(rows: int, S: int, block_s: int, device) -> tuple[int, int]:
+    """(number of splits, slots per split): about 4 programs per SM, at least 4 key blocks per
+    split (shorter splits pay more in partials than they gain), at most 256 splits. Under the
+    interpreter, splits of 2 blocks so the tests cover the combine."""
+    blocks = triton.cdiv(max(S, 1), block_s)
+    if _INTERPRET:
+        per_split = 2
+    else:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        want = min(256, max(1, triton.cdiv(4 * sms, rows)))
+        per_split = max(4, triton.cdiv(blocks, want))
+    n_split = triton.cdiv(blocks, per_split)
+    return n_split, per_split * block_s
     block_s = 16 if _INTERPRET else 128
     _sel_attn_decode[(b * hq,)](
         q, k_cache, v_cache, slot_pos, pos, o,

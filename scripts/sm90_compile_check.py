@@ -33,7 +33,7 @@ NOT_SPECIALISED = {"L", "H", "GROUP", "HKV", "window", "qk_scale", "scale"}
 FLOATS = {"qk_scale", "scale"}
 BF16 = "*bf16"
 POINTERS = dict(Q=BF16, K=BF16, V=BF16, O=BF16, DO=BF16, DQ=BF16, DK=BF16, DV=BF16, LSE="*fp32",
-                DELTA="*fp32", SEL_POS="*i32", RANK="*i32", KVM="*u8")
+                DELTA="*fp32", SEL_POS="*i32", RANK="*i32", KVM="*u8", DOC_START="*i32", DOC_END="*i32")
 KERNELS = dict(fwd=("_sel_attn_fwd", "_FWD_CONFIGS"), dq=("_sel_attn_bwd_dq", "_DQ_CONFIGS"),
                dkdv=("_sel_attn_bwd_dkdv", "_DKDV_CONFIGS"))
 # what the H200's autotuner picked for the masked path at the issue shape (2026-11-29, dk/dv re-tuned in the sixth session)
@@ -79,13 +79,14 @@ def main():
     ap.add_argument("--kernels", default="fwd,dq,dkdv")
     ap.add_argument("--kv-mask", action="store_true", help="the selected-only K/V variant")
     ap.add_argument("--dense", action="store_true", help="the dense (no q_mask) variant")
+    ap.add_argument("--packed", action="store_true", help="the packed-documents (seq_idx) variant")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--configs", help="BM,BN,warps,stages[,maxnreg];... instead of the module's lists")
     ap.add_argument("--picks", action="store_true", help="only the configs the H200 picked (PICKS)")
     args = ap.parse_args()
     mod = load(args.module)
     consts = dict(HEAD_DIM=args.head_dim, DENSE=args.dense, HAS_KV_MASK=args.kv_mask,
-                  DOT_FP32=False, OFF64=False)
+                  HAS_SEQ=args.packed, DOT_FP32=False, OFF64=False)
     for key in args.kernels.split(","):
         fn_name, list_name = KERNELS[key]
         if args.picks:

@@ -102,3 +102,29 @@ def test_first_answer_accuracy_counts_each_sequences_first_target_only():
     _, hits, count, first_hits, firsts = _loss_and_hits(logits, targets)
     assert (hits, count) == (3, 5)
     assert (first_hits, firsts) == (1, 2)
+
+
+def test_llama_anchor_is_our_transformer_at_the_same_size_and_is_timed_side_by_side():
+    """The anchor `bench model` times beside a Llama-shaped graph is transformers' Llama with
+    exactly our parameter count (same widths, heads, SwiGLU, tying), and the table has a row
+    per measurement with a ratio from the same run."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from hybridlab.benchmarks.anchors import anchors_for, time_anchor
+    from hybridlab.benchmarks.model import side_by_side
+    from hybridlab.graph import load_arch
+    from hybridlab.model import HybridLM
+
+    arch = load_arch(str(ROOT / "experiments" / "transformerpp-tiny.yaml"))
+    found, skipped = anchors_for(arch)
+    assert [a.name for a in found] == ["HF Llama (SDPA)"] and "no Mamba-2 blocks" in skipped[0]
+    llama = found[0].build()
+    assert sum(p.numel() for p in llama.parameters()) == HybridLM(arch).num_params()
+    got = time_anchor(found[0], batch=1, seq_len=16, steps=1, contexts=[32], device=torch.device("cpu"), amp=None,
+                      decode_steps=2)
+    assert got["train"]["tokens_per_s"] > 0 and got["decode"][0]["decode_ms_per_token"] > 0
+    ours = {"batch": 1, "seq_len": 16, "train": {"tokens_per_s": 2 * got["train"]["tokens_per_s"]},
+            "decode": [{"context": 32, "prefill_tokens_per_s": 1.0, "decode_ms_per_token": 1.0}], "anchors": [got]}
+    table = side_by_side(ours)
+    assert len(table) == 4 and "2.00x" in table[1]

@@ -277,3 +277,29 @@ def test_help_says_what_the_settings_are_and_where_results_go():
         assert key in train_help
     sweep_help = " ".join(_hl("sweep", "--help", cwd=ROOT).stdout.split())
     assert "<out_dir>/<study>/" in sweep_help and "runs/" in sweep_help
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", "model", "A", "--batch", "0"], "--batch must be >= 1"),
+    (["bench", "model", "A", "--seq-len", "-3"], "--seq-len must be >= 1"),
+    (["bench", "model", "A", "--contexts", "abc"], "bad length 'ABC'"),
+    (["train", "A", "--steps", "abc"], "argument --steps: invalid int value"),
+    (["no-such-command"], "invalid choice"),
+    (["build", "A", "--out", "FILE"], "is a file"),
+])
+def test_bad_arguments_fail_at_once_on_one_line(tmp_path, capsys, argv, expected):
+    """Checked before any work (the bench used to train first, then fail on --contexts) and
+    reported as one line, argparse's own errors included (no usage block)."""
+    from hybridlab import cli
+
+    (tmp_path / "FILE").write_text("x")
+    arch = _bad_arch(tmp_path, {})
+    argv = [str(arch) if a == "A" else str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's exit
+        rc = e.code
+    err = capsys.readouterr()
+    assert rc == 2
+    assert expected in err.err and len(err.err.strip().splitlines()) == 1
+    assert "parameters" not in err.out  # nothing built or measured before the error

@@ -19,10 +19,12 @@ def _sync(device):
 
 @torch.no_grad()
 def inference_cost(model, contexts, batch: int = 1, decode_steps: int = 16, device=None,
-                   amp=None, chunk: int = 4096, time_budget_s: float = 300.0,
+                   amp=None, chunk: int | None = None, time_budget_s: float = 300.0,
                    cuda_graph: bool = False) -> list[dict]:
     """Prefill tokens/s, decode ms/token after `context` tokens, peak memory, cache bytes.
-    `cuda_graph`: decode through a captured CUDA graph (hybridlab/decode.py)."""
+    `chunk`: prefill pass length (None: the model's choice from free memory); `cuda_graph`:
+    decode through a captured CUDA graph (hybridlab/decode.py). Each prefill is timed after
+    an untimed one of the same shape, so compilation and autotuning are not counted."""
     from ..model import cache_bytes
 
     model.eval()
@@ -34,18 +36,20 @@ def inference_cost(model, contexts, batch: int = 1, decode_steps: int = 16, devi
             rows.append({"context": ctx, "stopped": "time budget"})
             break
         try:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            caches = model.allocate_cache(batch, ctx + decode_steps + 4)
             idx = torch.randint(0, vocab, (batch, ctx), device=device)
-            _sync(device)
-            t0 = time.perf_counter()
-            for s in range(0, ctx, chunk):
+            passes = 2 if device.type == "cuda" else 1  # the first compiles and autotunes
+            for _ in range(passes):
+                caches = logits = None  # free the last pass's before measuring this one's peak
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                caches = model.allocate_cache(batch, ctx + decode_steps + 4)
+                _sync(device)
+                t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    logits = model.prefill(idx[:, s:s + chunk], caches)
-            _sync(device)
-            prefill_s = time.perf_counter() - t0
+                    logits = model.prefill_prompt(idx, caches, chunk)
+                _sync(device)
+                prefill_s = time.perf_counter() - t0
             tok = logits.argmax(-1)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 if cuda_graph:

@@ -56,7 +56,9 @@ def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp) -
 
 def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: str = "1K,8K,32K,128K,1M",
                 steps: int = 10, json_path: str | None = None, device: str | None = None,
-                time_budget_s: float = 300.0, cuda_graph: bool = False) -> dict:
+                time_budget_s: float = 300.0, cuda_graph: bool = False, anchors: bool = True) -> dict:
+    """`anchors`: also time the tools a researcher would pick instead (benchmarks/anchors.py),
+    when installed, in the same run, and print the side-by-side table."""
     from ..model import HybridLM
 
     arch = load_arch(arch_path)
@@ -91,7 +93,51 @@ def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: s
                           cuda_graph=cuda_graph and dev.type == "cuda")
     result["decode"] = rows
     print("\n".join(inference_table(rows)))
+    if anchors:
+        from .anchors import anchors_for, time_anchor
+
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        found, skipped = anchors_for(arch)
+        for line in skipped:
+            print(f"anchor skipped: {line}")
+        result["anchors"] = [time_anchor(a, batch, seq_len, steps, [r["context"] for r in rows if "stopped" not in r],
+                                         dev, amp) for a in found]
+        if result["anchors"]:
+            print("\n".join(side_by_side(result)))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+def side_by_side(result: dict) -> list[str]:
+    """Ours against each anchor, same run: training tokens/s, prefill tokens/s and decode
+    ms/token per context, with ratios (> 1: ours is faster)."""
+    def fmt(x, unit):
+        return "-" if x is None else f"{x / 1e3:.1f}K" if unit == "tok/s" else f"{x:.2f}"
+
+    def by_ctx(rows):
+        return {r["context"]: r for r in rows if "stopped" not in r}
+
+    ours_train = result["train"].get("tokens_per_s")
+    ours_dec = by_ctx(result["decode"])
+    lines = [f"\n{'work':<28} {'hybridlab':>10} " + " ".join(f"{a['name']:>22} {'ratio':>6}" for a in result["anchors"])]
+
+    def row(label, ours, theirs, unit, higher_better):
+        cells = []
+        for t in theirs:
+            ratio = (ours / t if higher_better else t / ours) if ours and t else None
+            cells.append(f"{fmt(t, unit):>22} {('%.2fx' % ratio) if ratio else '-':>6}")
+        lines.append(f"{label:<28} {fmt(ours, unit):>10} " + " ".join(cells))
+
+    row(f"train tok/s B{result['batch']} L{result['seq_len']}", ours_train,
+        [a["train"].get("tokens_per_s") for a in result["anchors"]], "tok/s", True)
+    for ctx, r in ours_dec.items():
+        theirs = [by_ctx(a["decode"]).get(ctx, {}) for a in result["anchors"]]
+        row(f"prefill tok/s, {ctx} tokens", r["prefill_tokens_per_s"],
+            [t.get("prefill_tokens_per_s") for t in theirs], "tok/s", True)
+        row(f"decode ms/token at {ctx}", r["decode_ms_per_token"],
+            [t.get("decode_ms_per_token") for t in theirs], "ms", False)
+    return lines

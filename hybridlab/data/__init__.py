@@ -3,8 +3,9 @@
     ds = make_dataset(spec, seq_len, path="data", base_dir=None)
 
 `spec` is the YAML `data:` value: "default" (CPython's docs, byte-level, no download), a task
-name, or a mapping with exactly one of `task:`, `text:` or `tokens:`. Batches are pure functions
-of (step, batch_size, seed), so exact resume needs no data-loader state.
+name, or a mapping with exactly one of `task:`, `text:`, `tokens:` or `prepared:` (a folder from
+`hybridlab data prepare`). Batches are pure functions of (step, batch_size, seed), so exact resume
+needs no data-loader state.
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 import torch
 
 from hybridlab.config import ConfigError, join_path, suggest
+from hybridlab.data.prepared import PreparedConfig, PreparedDataset, from_prepared
 from hybridlab.data.tasks import TASKS, TaskDataset, TaskSpec, make_task, register_task
 from hybridlab.data.text import TextConfig, TextDataset, TokensConfig, from_text, from_tokens
 from hybridlab.errors import UserError
 
-__all__ = ["Dataset", "TASKS", "TaskDataset", "TaskSpec", "TextDataset", "make_dataset",
-           "register_task"]
+__all__ = ["Dataset", "PreparedDataset", "TASKS", "TaskDataset", "TaskSpec", "TextDataset",
+           "make_dataset", "register_task"]
 
-_SOURCES = ("task", "text", "tokens")
+_SOURCES = ("task", "text", "tokens", "prepared")
 
 
 @runtime_checkable
@@ -63,10 +65,10 @@ def make_dataset(spec: Any, seq_len: int, path: str = "data", base_dir=None) -> 
             spec = {"task": spec}
         else:
             raise ConfigError(path, f"unknown data {spec!r}{suggest(spec, ['default', *TASKS])}; use "
-                              "'default', a task name or a mapping with task:, text: or tokens:")
+                              "'default', a task name or a mapping with task:, text:, tokens: or prepared:")
     if not isinstance(spec, Mapping):
-        raise ConfigError(path, "must be 'default', a task name or a mapping with task:, text: or "
-                          f"tokens:, got {type(spec).__name__}")
+        raise ConfigError(path, "must be 'default', a task name or a mapping with task:, text:, "
+                          f"tokens: or prepared:, got {type(spec).__name__}")
     given = [k for k in _SOURCES if k in spec]
     if len(given) != 1:
         if given:
@@ -75,12 +77,12 @@ def make_dataset(spec: Any, seq_len: int, path: str = "data", base_dir=None) -> 
             hint = suggest(str(key), _SOURCES)
             if hint:
                 raise ConfigError(join_path(path, str(key)), f"unknown key{hint}")
-        raise ConfigError(path, "needs one of task:, text: or tokens:")
+        raise ConfigError(path, "needs one of task:, text:, tokens: or prepared:")
     if given[0] == "task":
         return make_task(spec, seq_len, path)
-    config = TextConfig if given[0] == "text" else TokensConfig
+    config, build = {"text": (TextConfig, from_text), "tokens": (TokensConfig, from_tokens),
+                     "prepared": (PreparedConfig, from_prepared)}[given[0]]
     cfg = config.from_dict(spec, 0, path, cross_check=False)
     if not getattr(cfg, given[0]).strip():
         raise ConfigError(join_path(path, given[0]), "must name a file or folder, got ''")
-    L = cfg.seq_len or seq_len
-    return from_text(cfg, L, base_dir) if given[0] == "text" else from_tokens(cfg, L, base_dir)
+    return build(cfg, cfg.seq_len or seq_len, base_dir)

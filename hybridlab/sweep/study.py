@@ -296,10 +296,18 @@ def work(space: SearchSpace, spec: str, worker_index: int = 0, deadline: float |
     return ran
 
 
+def worker_gpu(index: int, gpus: int) -> str:
+    """The one GPU worker `index` sees (CUDA_VISIBLE_DEVICES): the (index % gpus)-th of those the
+    sweep itself sees, so a sweep started with CUDA_VISIBLE_DEVICES=2,3 uses GPUs 2 and 3."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    ids = (visible or [str(i) for i in range(gpus)])[:gpus]
+    return ids[index % len(ids)]
+
+
 def _worker_entry(space_path: str, overrides: dict, spec: str, index: int, deadline, gpus: int, threads: int):
     """A spawned worker process: pin a GPU (one per worker) or a share of the CPU cores."""
     if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        os.environ["CUDA_VISIBLE_DEVICES"] = worker_gpu(index, gpus)
     import torch
 
     torch.set_num_threads(threads)
