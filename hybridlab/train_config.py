@@ -23,6 +23,8 @@ class TrainConfig(Config):
                                                   "CUDA the largest power of two of it that fits)", ge=1, nullable=True)
     pack_documents: bool = field(True, "with prepared data (documents packed into sequences): no attention or "
                                        "state crosses a document boundary; false: they flow across")
+    compile: bool = field(False, "torch.compile the model for training (first steps pay the compilation; "
+                                 "not in the paper)")
     parallel: str = field("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: "
                                  "weights, gradients and optimizer sharded)", choices=("ddp", "fsdp"))
     steps: Optional[int] = field(1000, "optimizer steps (null: derive from tokens)", ge=1, nullable=True)

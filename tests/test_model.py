@@ -1,4 +1,6 @@
 """HybridLM: whole-model decoding, auxiliary losses, saving."""
+from pathlib import Path
+
 import torch
 
 from hybridlab.graph import load_arch, parse_arch
@@ -89,3 +91,41 @@ def test_model_prefill_in_chunks_equals_forward():
         a = model.prefill(idx[:, :13], caches, all_logits=True)
         b = model.prefill(idx[:, 13:], caches, all_logits=True)
     torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_the_model_compiles_as_one_graph_and_matches_eager():
+    """torch.compile(fullgraph=True) traces the whole model, forward and backward, with no graph
+    break (the reference kernels on the CPU; aot_eager keeps the test free of a C++ compile),
+    and gives eager's loss and gradients."""
+    arch = load_arch(str(Path(__file__).parent.parent / "experiments" / "taipan-tiny.yaml"))
+    torch.manual_seed(0)
+    model = HybridLM(arch)
+    idx = torch.randint(0, arch.vocab_size, (2, 33))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)  # the SAL's Gumbel noise
+    out = compiled(idx[:, :-1], idx[:, 1:], return_logits=False, step=0)
+    out.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(1)
+    ref = model(idx[:, :-1], idx[:, 1:], return_logits=False, step=0)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_training_compile_option_compiles_the_model(tmp_path, monkeypatch):
+    from hybridlab import train as train_mod
+    from tests.runs_helpers import write_arch
+
+    compiled = []
+
+    def fake_compile(module, **kw):
+        compiled.append(module)
+        return module
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    arch = write_arch(tmp_path, tmp_path / "runs", steps=1, eval_every=0, checkpoint_every=0)
+    run = train_mod.prepare(str(arch), overrides={"compile": True})
+    train_mod.train(run, quiet=True)
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
