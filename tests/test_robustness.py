@@ -303,3 +303,19 @@ def test_bad_arguments_fail_at_once_on_one_line(tmp_path, capsys, argv, expected
     assert rc == 2
     assert expected in err.err and len(err.err.strip().splitlines()) == 1
     assert "parameters" not in err.out  # nothing built or measured before the error
+
+
+@pytest.mark.parametrize("args", [["--storage", "foo://x"], ["--storage", "postgresql://u:pw@127.0.0.1:1/db"],
+                                  ["--report"]])
+def test_a_sweep_refused_by_its_storage_leaves_no_folder(tmp_path, capsys, args):
+    from hybridlab import cli
+
+    space = tmp_path / "space.yaml"
+    space.write_text((ROOT / "search_spaces" / "sal.yaml").read_text())
+    out_dir = tmp_path / "sweeps"
+    raw = yaml.safe_load(space.read_text())
+    raw["out_dir"] = str(out_dir)
+    space.write_text(yaml.safe_dump(raw))
+    assert cli.main(["sweep", str(space), *args]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not out_dir.exists()

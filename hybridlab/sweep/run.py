@@ -3,6 +3,7 @@ print the Pareto front. Running the same command again resumes: same study name,
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from .space import load_space
 
@@ -13,7 +14,7 @@ def run_sweep(space_path: str, storage: str | None = None, workers: int | None =
     from hybridlab.errors import UserError
 
     from .report import count_states, write_report
-    from .study import is_rdb, open_study, quiet_optuna, redact, run_workers, storage_spec, used
+    from .study import check_storage, is_rdb, open_study, quiet_optuna, redact, run_workers, storage_spec, used
 
     space = load_space(space_path)  # every ConfigError surfaces here, before any trial
     overrides = {k: v for k, v in (("trials", trials), ("timeout", timeout), ("workers", workers),
@@ -26,11 +27,20 @@ def run_sweep(space_path: str, storage: str | None = None, workers: int | None =
     if spec.startswith("sqlite") and space.workers > 1:
         raise UserError("SQLite storage is for one process at a time; use the default journal file "
                         "(several processes on one machine) or postgresql:// (several machines)")
+    check_storage(spec)  # an unsupported URL fails before anything is written
+    if report_only and not is_rdb(spec) and not Path(spec).exists():
+        raise UserError(f"no study {space.study!r} in {spec} yet: run the sweep first")
+    created = [p for p in (space.folder, *space.folder.parents) if not p.exists()]
     space.folder.mkdir(parents=True, exist_ok=True)
     with quiet_optuna():
         try:
             study = open_study(space, spec, create=not report_only)
-        except KeyError:
+        except (KeyError, UserError) as e:
+            for folder in created:  # the storage said no: leave no empty folders behind
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            if isinstance(e, UserError):
+                raise
             raise UserError(f"no study {space.study!r} in {redact(spec)} yet: run the sweep first") from None
         if not report_only:
             before = count_states(study)
