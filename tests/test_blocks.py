@@ -124,3 +124,19 @@ def test_mamba2_out_init_std_gives_gpt2_init_of_the_residual_output():
     from hybridlab.config import ConfigError
     with pytest.raises(ConfigError):
         tiny_block("mamba2", out_init_std=0.0)
+
+
+@pytest.mark.parametrize("name,overrides", CASES)
+def test_prefill_after_decoding_steps_continues_the_same_sequence(name, overrides):
+    """prefill, a few decode steps, then another prefill: the cache's slots must still hold
+    consecutive positions in the order prefill reads them (ring buffers wrap in between)."""
+    block = make(name, overrides)
+    L = 25
+    x = torch.randn(2, L, D_MODEL)
+    with torch.no_grad():
+        y = block(x, Aux())
+        cache = block.allocate_cache(2, L)
+        parts = [block.prefill(x[:, :7], cache)]
+        parts += [block.step(x[:, t], cache)[:, None] for t in range(7, 10)]
+        parts.append(block.prefill(x[:, 10:], cache))
+    torch.testing.assert_close(torch.cat(parts, dim=1), y, atol=2e-5, rtol=1e-4)
