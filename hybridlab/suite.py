@@ -76,7 +76,11 @@ def plan(path: str) -> list[tuple[str, dict, Path]]:
 
 
 def run_suite(path: str, quiet: bool = False) -> list[dict]:
+    from .distributed import from_env
+
     data = yaml.safe_load(Path(path).read_text())
+    main = (from_env() or (0,))[0] == 0  # under torchrun, rank 0 alone prints and writes
+    quiet = quiet or not main
     rows = []
     for name, arch_dict, base_dir in plan(path):
         arch = parse_arch({k: v for k, v in arch_dict.items() if k != "training"}, f"{path}: {name}")
@@ -96,10 +100,12 @@ def run_suite(path: str, quiet: bool = False) -> list[dict]:
                 print(f"[{name}] {arch.name}: {run.run_dir}")
             summary = train(run, quiet=quiet)
             summary["params"] = json.loads((run_dir / "meta.json").read_text())["params"]
-            ckpt_io.write_atomic(summary_path, json.dumps(summary, indent=1))
+            if main:
+                ckpt_io.write_atomic(summary_path, json.dumps(summary, indent=1))
         rows.append({"name": name, **summary})
     columns = tuple(data.get("compare") or DEFAULT_COLUMNS)
-    print(markdown_table(rows, columns))
+    if main:
+        print(markdown_table(rows, columns))
     return rows
 
 

@@ -27,3 +27,26 @@ def test_suite_runs_compares_and_skips_finished(tmp_path, capsys):
     assert rows[2]["params"] < rows[0]["params"]
     again = run_suite(str(suite), quiet=True)  # finished runs are read back, not retrained
     assert [r["val/loss"] for r in again] == [r["val/loss"] for r in rows]
+
+
+def test_under_torchrun_only_rank_0_prints_and_writes(tmp_path, capsys, monkeypatch):
+    """Every process of a torchrun suite trains (the collectives need them all); ranks other
+    than 0 neither print the table nor write summary.json."""
+    from hybridlab import suite as suite_mod
+
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({**TINY_ARCH, "name": "a"}))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"suite": "s", "runs_dir": str(tmp_path / "runs"), "runs": [{"arch": "a.yaml"}],
+                                    "training": {"steps": 1}}))
+
+    def fake_train(run, quiet=False):
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "meta.json").write_text('{"params": 7}')
+        return {"step": 1, "quiet": quiet}
+    monkeypatch.setattr(suite_mod, "train", fake_train)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rows = run_suite(str(path))
+    assert rows[0]["quiet"] is True and rows[0]["params"] == 7
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "runs" / "a" / "summary.json").exists()
