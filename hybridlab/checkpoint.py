@@ -41,12 +41,22 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+def tmp_name(path: Path) -> Path:
+    """Where `path` is written before `publish` renames it into place (hidden, per process)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """fsync, then rename into place: a file with a final name is complete."""
     _fsync(tmp)
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = tmp_name(path)
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    publish(tmp, path)
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, train_state: dict, config_yaml: str,

@@ -115,52 +115,22 @@ def anchors_for(arch: Arch) -> tuple[list[Anchor], list[str]]:
     return found, skipped
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_anchor(anchor: Anchor, batch: int, seq_len: int, steps: int, contexts: list[int], device,
                 amp, decode_steps: int = 16) -> dict:
     """Training tokens/s (the same protocol as ours: AdamW, autocast, 2 warm-up steps), then
     prefill tokens/s and eager decode ms/token at each context."""
-    from .inference import is_oom
+    from .inference import _sync, is_oom
+    from .model import train_throughput
 
     torch.manual_seed(0)
     model = anchor.build().to(device)
     vocab = model.get_input_embeddings().weight.shape[0]
     out = {"name": anchor.name, "params": sum(p.numel() for p in model.parameters())}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    idx = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
 
-    def one_step():
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(idx[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    try:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(2):
-            one_step()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            one_step()
-        _sync(device)
-        dt = (time.perf_counter() - t0) / steps
-        out["train"] = {"tokens_per_s": batch * seq_len / dt, "step_ms": 1e3 * dt}
-        if device.type == "cuda":
-            out["train"]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    except RuntimeError as e:
-        if not is_oom(e):
-            raise
-        out["train"] = {"stopped": "out of memory"}
-    del opt
+    def loss_fn(idx):
+        logits = model(idx[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+    out["train"] = train_throughput(model, batch, seq_len, steps, device, amp, vocab=vocab, loss_fn=loss_fn)
     model.zero_grad(set_to_none=True)
     model.eval()
     rows = []

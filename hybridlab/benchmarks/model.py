@@ -19,18 +19,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp) -> dict:
-    vocab = model.arch.vocab_size
+def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp, vocab: int | None = None,
+                     loss_fn=None) -> dict:
+    """Training tokens/s and peak memory: AdamW, autocast, 2 untimed warm-up steps. `loss_fn(idx)`
+    (idx (B, L+1) token ids) -> the loss; default: a HybridLM's own (another library's model, an
+    anchor, gives its own with `vocab`)."""
+    vocab = vocab or model.arch.vocab_size
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     model.train()
     idx = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    if loss_fn is None:
+        def loss_fn(idx):
+            return model(idx[:, :-1], idx[:, 1:], return_logits=False).loss
 
     def one_step():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = model(idx[:, :-1], idx[:, 1:], return_logits=False).loss
+            loss = loss_fn(idx)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

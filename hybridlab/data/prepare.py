@@ -44,6 +44,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from hybridlab.checkpoint import publish, tmp_name, write_atomic
 from hybridlab.data import corpus
 from hybridlab.errors import UserError
 from hybridlab.progress import fmt_time
@@ -249,33 +250,8 @@ def _unit_results(units, first: int, workers: int, init_args) -> Iterator[tuple[
 
 # ---- the output folder -------------------------------------------------------------------------
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """fsync, then rename into place: a file with a final name is complete."""
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    tmp.write_bytes(data)
-    _publish(tmp, path)
-
-
 def _write_manifest(out: Path, manifest: dict) -> None:
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
 def shard_names(k: int) -> tuple[str, str]:
@@ -297,7 +273,7 @@ class _Shards:
         while i < len(lengths):
             if self.file is None:
                 name = shard_names(len(self.manifest["shards"]))[0]
-                self.tmp = _tmp(self.out / name)
+                self.tmp = tmp_name(self.out / name)
                 self.file = open(self.tmp, "wb")
             # documents i..j-1 go in; j-1 is the first whose end reaches the limit (or the last)
             room = self.limit - self.length
@@ -322,12 +298,12 @@ class _Shards:
         k = len(self.manifest["shards"])
         name, docs_name = shard_names(k)
         self.file.close()
-        _publish(self.tmp, self.out / name)
+        publish(self.tmp, self.out / name)
         starts = np.concatenate(self.starts).astype(np.int64)
-        tmp = _tmp(self.out / docs_name)
+        tmp = tmp_name(self.out / docs_name)
         with open(tmp, "wb") as f:
             np.save(f, starts)
-        _publish(tmp, self.out / docs_name)
+        publish(tmp, self.out / docs_name)
         self.manifest["shards"].append({"tokens_file": name, "doc_starts_file": docs_name,
                                         "tokens": self.length, "documents": len(starts),
                                         "resume_at": resume_at})
@@ -506,7 +482,7 @@ def prepare(source, out_dir, tokenizer: Optional[str] = None, text_field: str = 
         resumed_from = len(manifest["shards"]) or None
         _write_manifest(out, manifest)  # first: a folder with files but no manifest is not ours
         if tok_record is not None:
-            _write_atomic(out / TOKENIZER, tok_bytes)
+            write_atomic(out / TOKENIZER, tok_bytes)
         tokenizer = str(Path(os.path.expanduser(tokenizer))) if tokenizer else None
         try:
             _write_shards(out, manifest, files, tokenizer, workers, progress, on_shard)
