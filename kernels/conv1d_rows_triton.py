@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .conv1d_triton import _INTERPRET, _configs, _dsilu_mul
+from .launch import launch
 
 _SLOT_ROWS = 16 if _INTERPRET else 32  # divides every CHUNK of the backward's configs
 
@@ -196,7 +197,7 @@ def conv_fwd_rows(x, weight, bias, seq_idx, silu):
     y = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
     seq, ssb, ssl = _seq_args(seq_idx, x)
     grid = lambda META: (triton.cdiv(l, META["CHUNK"]), triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
-    _conv_fwd_rows_kernel[grid](
+    launch(_conv_fwd_rows_kernel, grid, (d, k, seq_idx is not None, x.dtype),
         x, weight, bias if bias is not None else weight, seq, y,
         l, d,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), ssb, ssl,
@@ -217,7 +218,7 @@ def conv_bwd_rows(x, weight, bias, seq_idx, dy, silu):
     db_part = torch.empty((b * n_slots, d), device=x.device, dtype=torch.float32) if bias is not None else dw_part
     seq, ssb, ssl = _seq_args(seq_idx, x)
     grid = lambda META: (triton.cdiv(l, META["CHUNK"]), triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
-    _conv_bwd_rows_kernel[grid](
+    launch(_conv_bwd_rows_kernel, grid, (d, k, seq_idx is not None, silu, x.dtype, dy.dtype),
         x, weight, bias if bias is not None else weight, seq, dy, dx, dw_part, db_part,
         l, d, n_slots,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), ssb, ssl,

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -323,7 +325,7 @@ def _conv_fwd(x, weight, bias, seq_idx, silu):
     has_seq = seq_idx is not None
     seq = seq_idx if has_seq else x
     grid = lambda META: (triton.cdiv(l, META["BLOCK_L"]), triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
-    _conv_fwd_kernel[grid](
+    launch(_conv_fwd_kernel, grid, (d, k, has_seq, x.dtype),
         x, weight, bias if bias is not None else weight, seq, y,
         l, d,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
@@ -360,7 +362,7 @@ def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
     seq = seq_idx if has_seq else x
     ssb, ssl = (seq.stride(0), seq.stride(1)) if has_seq else (0, 0)
     grid_a = lambda META: (n_chunks, triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
-    _conv_bwd_dpre_kernel[grid_a](
+    launch(_conv_bwd_dpre_kernel, grid_a, (d, k, has_seq, silu, chunk, x.dtype, dy.dtype),
         x, weight, bias if bias is not None else weight, seq, dy, g, dw_part, db_part,
         l, d, n_chunks,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), ssb, ssl,
@@ -369,7 +371,7 @@ def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
         HAS_BIAS=bias is not None, HAS_SEQ=has_seq, SILU=silu, CHUNK_L=chunk,
     )
     grid_b = lambda META: (triton.cdiv(l, META["BLOCK_L"]), triton.cdiv(d, META["BLOCK_D"]), b)  # noqa: E731
-    _conv_bwd_dx_kernel[grid_b](
+    launch(_conv_bwd_dx_kernel, grid_b, (d, k, has_seq, g.dtype),
         g, weight, seq, dx,
         l, d,
         weight.stride(0), weight.stride(1), ssb, ssl, dx.stride(0), dx.stride(1), dx.stride(2),

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -182,7 +184,7 @@ class GatedRMSNormFn(torch.autograd.Function):
         rstd = torch.empty((m, n_groups), device=x.device, dtype=torch.float32)
         block_g = triton.next_power_of_2(group_size)
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), n_groups)  # noqa: E731
-        _norm_fwd_kernel[grid](
+        launch(_norm_fwd_kernel, grid, (group_size, d, z2 is not None, bool(norm_before_gate), x.dtype),
             x2, z2 if z2 is not None else x2, weight, y, rstd,
             m, d, group_size, n_groups, x2.stride(0), z2.stride(0) if z2 is not None else 0, y.stride(0), eps,
             HAS_Z=z2 is not None, NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK_G=block_g,
@@ -201,7 +203,7 @@ class GatedRMSNormFn(torch.autograd.Function):
         dz = torch.empty((m, d), device=x2.device, dtype=z2.dtype) if has_z else None
         n_prog = _n_bwd_programs(m, x2.device)
         dw_part = torch.empty((n_prog, d), device=x2.device, dtype=torch.float32)
-        _norm_bwd_kernel[(n_prog, n_groups)](
+        launch(_norm_bwd_kernel, (n_prog, n_groups), (group_size, d, has_z, nbg, x2.dtype, dy2.dtype),
             x2, z2 if has_z else x2, weight, dy2, rstd, dx, dz if has_z else dx, dw_part,
             m, d, group_size, n_groups,
             x2.stride(0), z2.stride(0) if has_z else 0, dy2.stride(0), dx.stride(0), dz.stride(0) if has_z else 0,

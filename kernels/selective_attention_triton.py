@@ -64,6 +64,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _NEG = tl.constexpr(-1.0e30)  # "masked" score; see the module docstring for why it is finite
 # Which visibility tests a key segment needs (see `_key_segments`): one compare per score for
@@ -348,28 +350,6 @@ def _sel_attn_fwd(Q, K, V, O, LSE, SEL_POS, RANK, KVM, DOC_START,
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["L", "H"])
-def _bwd_delta(O, DO, DELTA, SEL_POS, RANK,
-               sob, sol, soh, sdb, sdl, sdh, L, H,
-               HEAD_DIM: tl.constexpr, DENSE: tl.constexpr, OFF64: tl.constexpr,
-               BLOCK_M: tl.constexpr):
-    """delta_i = o_i . do_i per selected query, DELTA (b, hq, L) by compacted row."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    count, m0, offs_m, row_ok, pos_m, p_first, p_last = _tile_rows(
-        SEL_POS, RANK, b, tile, L, DENSE, BLOCK_M)
-    if m0 >= count:
-        return
-    offs_d = tl.arange(0, HEAD_DIM)
-    b64 = b.to(tl.int64)
-    pos64 = _wide(pos_m, OFF64)
-    o = tl.load(O + b64 * sob + h * soh + pos64[:, None] * sol + offs_d[None, :]).to(tl.float32)
-    do = tl.load(DO + b64 * sdb + h * sdh + pos64[:, None] * sdl + offs_d[None, :]).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=row_ok)
-
-
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, stride_kl, stride_vl,
               start, end, L, window, qk_scale,
@@ -387,8 +367,8 @@ def _dq_inner(dq, q, do, lse, delta, pos_m, k_base, v_base, kvm_base, stride_kl,
 
 @_autotune(_configs(_DQ_CONFIGS, _INTERP_BLOCKS))
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _sel_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEL_POS, RANK, KVM, DOC_START,
-                     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh,
+def _sel_attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, SEL_POS, RANK, KVM, DOC_START,
+                     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh, sdb, sdl, sdh,
                      sgb, sgl, sgh,
                      L, H, GROUP, window, qk_scale, scale,
                      HEAD_DIM: tl.constexpr, DENSE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
@@ -412,7 +392,11 @@ def _sel_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEL_POS, RANK, KVM, DOC_START,
     do = tl.load(DO + b64 * sdb + h * sdh + pos64[:, None] * sdl + offs_d[None, :])
     offs_r = tl.minimum(offs_m, count - 1)  # padding rows repeat the last row, like pos_m
     lse = tl.load(LSE + bh.to(tl.int64) * L + offs_r)
-    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_r)
+    # delta_i = o_i . do_i, here rather than in a kernel of its own (one launch fewer); the
+    # dk/dv kernel, launched after this one, reads it from DELTA (b, hq, L) by compacted row
+    o = tl.load(O + b64 * sob + h * soh + pos64[:, None] * sol + offs_d[None, :])
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, delta, mask=row_ok)
     k_base = K + b64 * skb + hk * skh
     v_base = V + b64 * svb + hk * svh
     kvm_base = KVM + b64 * L
@@ -807,7 +791,7 @@ class _SelectiveAttention(torch.autograd.Function):
                               else (kvm, kvm))  # unused when not has_seq
         if b * L * hq:
             grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
-            _sel_attn_fwd[grid](
+            launch(_sel_attn_fwd, grid, (L, window, d, dense, has_kv, has_seq, q.dtype),
                 q, k, v, o, lse, sel_pos, rank, kvm, doc_start,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                 L, hq, hq // hkv, window, scale * _LOG2E,
@@ -832,20 +816,18 @@ class _SelectiveAttention(torch.autograd.Function):
         if b * L * hq == 0:
             return dq, dk.zero_(), dv.zero_(), None, None, None, None, None
         has_seq, doc_start, doc_end = ctx.docs
-        delta = _empty_like(lse)
-        blk = 16 if _INTERPRET else 64
-        _bwd_delta[(triton.cdiv(L, blk), b * hq)](
-            o, do, delta, sel_pos, rank, *o.stride()[:3], *do.stride()[:3], L, hq,
-            HEAD_DIM=d, DENSE=dense, OFF64=off64, BLOCK_M=blk)
+        delta = _empty_like(lse)  # written by the dq kernel, read by the dk/dv kernel
+        tune_key = (L, window, d, dense, has_kv, has_seq, q.dtype)
         grid_q = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
-        _sel_attn_bwd_dq[grid_q](
-            q, k, v, do, dq, lse, delta, sel_pos, rank, kvm, doc_start,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        launch(_sel_attn_bwd_dq, grid_q, tune_key,
+            q, k, v, o, do, dq, lse, delta, sel_pos, rank, kvm, doc_start,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
+            *dq.stride()[:3],
             L, hq, hq // hkv, window, scale * _LOG2E, scale,
             HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
             DOT_FP32=_INTERPRET, OFF64=off64)
         grid_k = lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), b * hkv)  # noqa: E731
-        _sel_attn_bwd_dkdv[grid_k](
+        launch(_sel_attn_bwd_dkdv, grid_k, tune_key,
             q, k, v, do, dk, dv, lse, delta, sel_pos, rank, kvm, doc_end,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3],
@@ -914,11 +896,3 @@ def _decode_splits(rows: int, S: int, block_s: int, device) -> tuple[int, int]:
         per_split = max(4, triton.cdiv(blocks, want))
     n_split = triton.cdiv(blocks, per_split)
     return n_split, per_split * block_s
-    block_s = 16 if _INTERPRET else 128
-    _sel_attn_decode[(b * hq,)](
-        q, k_cache, v_cache, slot_pos, pos, o,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        slot_pos.stride(0), o.stride(0), o.stride(1),
-        S, hq, hq // hkv, window, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_S=block_s, num_warps=1 if _INTERPRET else 4)
-    return o

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # HYBRIDLAB_AUTOTUNE=0 takes each kernel's first GPU config (quick compiles for tests).
 _AUTOTUNE = os.environ.get("HYBRIDLAB_AUTOTUNE", "1") != "0"
@@ -804,7 +806,7 @@ def _forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_st
     stride_seq = seq_idx.stride(0) if seq_idx is not None else 0
     states = torch.empty(b, nc, h, p, n, device=dev, dtype=_buf_dtype(x))
     grid = lambda M: (triton.cdiv(p, M["BLOCK_P"]) * triton.cdiv(n, M["BLOCK_N"]) * h, b * nc)
-    _chunk_state_fwd[grid](
+    launch(_chunk_state_fwd, grid, (p, n, Q, False, x.dtype),
         x, B, dt_p, cs, seq, states, l, h, p, n, h // g,
         *x.stride(), *B.stride(), stride_seq,
         Q=Q, READOUT=False, HAS_SEQ=seq_idx is not None, F32=F32,
@@ -830,7 +832,7 @@ def _forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_st
     y = torch.empty_like(x)
     ypre = torch.empty_like(x) if z is not None else None
     grid = lambda M: (triton.cdiv(Q, M["BLOCK_M"]) * triton.cdiv(p, M["BLOCK_P"]) * h, b * nc)
-    _chunk_scan_fwd[grid](
+    launch(_chunk_scan_fwd, grid, (p, n, Q, x.dtype),
         x, cb, C, dt_p, cs, seq, prev, D if D is not None else x, z if z is not None else x, y,
         ypre if ypre is not None else y,
         l, h, p, n, h // g, *x.stride(), *B.stride(), stride_seq,
@@ -864,7 +866,7 @@ def _backward(ctx, dy, dfinal):
     # dS_{c-1} from the off-diagonal readout of chunk c: sum_t exp(cs_t) dy_t C_t^T   (B, nc, H, P, N)
     dprev = torch.empty(b, nc, h, p, n, device=dev, dtype=_buf_dtype(x))
     grid = lambda M: (triton.cdiv(p, M["BLOCK_P"]) * triton.cdiv(n, M["BLOCK_N"]) * h, b * nc)
-    _chunk_state_fwd[grid](
+    launch(_chunk_state_fwd, grid, (p, n, Q, True, dy.dtype),
         dy, C, dt_p, cs, seq, dprev, l, h, p, n, h // g,
         *dy.stride(), *C.stride(), stride_seq,
         Q=Q, READOUT=True, HAS_SEQ=has_seq, F32=F32,
@@ -897,7 +899,7 @@ def _backward(ctx, dy, dfinal):
     dC_sp = torch.empty_like(dB_sp)
     dD_sp = torch.zeros(b * nc, n_sblk_max, h, p, device=dev, dtype=torch.float32) if D is not None else None
     grid = lambda M: (triton.cdiv(Q, M["BLOCK_S"]), b * nc, g * split)
-    _bwd_dx_db[grid](
+    launch(_bwd_dx_db, grid, (p, n, Q, hpg // split, x.dtype),
         x, B, C, dy, dt_p, cs, seq, dstates, D if D is not None else x,
         dx, dB_sp, ddt, dcs_a, dcse, dD_sp if D is not None else ddt,
         l, h, p, n, hpg, hpg // split, split,
@@ -905,7 +907,7 @@ def _backward(ctx, dy, dfinal):
         Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, HAS_SEQ=has_seq, HAS_D=D is not None, F32=F32,
     )
     grid = lambda M: (triton.cdiv(Q, M["BLOCK_T"]), b * nc, g * split)
-    _bwd_dc[grid](
+    launch(_bwd_dc, grid, (p, n, Q, hpg // split, x.dtype),
         x, B, C, dy, dt_p, cs, seq, prev, dC_sp, dcs_b,
         l, h, p, n, hpg, hpg // split, split,
         *x.stride(), *B.stride(), stride_seq,
