@@ -15,11 +15,13 @@ keys of its own document, from the document's first token on.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .dispatch import triton_impl, use_triton
+from .dispatch import requested_backend, triton_impl, use_triton
 
 
 def _visibility(L, window, q_mask, kv_mask, device, seq_idx=None):
@@ -79,12 +81,99 @@ def selective_attention_decode_ref(q, k_cache, v_cache, slot_pos, pos, window=No
     return torch.einsum("bhs,bhsd->bhd", p, vt.float()).to(q.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# The Triton kernels as a torch.library custom op: torch.compile sees one opaque node (no graph
+# break, no tracing into Triton) and `setup_context`/`backward` below as its autograd. On CUDA
+# the op runs the Triton kernels; elsewhere the reference (its extra outputs zeros), or the
+# kernels under Triton's interpreter when HYBRIDLAB_KERNELS=triton.
+# ----------------------------------------------------------------------------------------------
+def _sat():
+    return triton_impl("selective_attention_triton")
+
+
+def _triton_on_cpu() -> bool:
+    return requested_backend() == "triton"
+
+
+@torch.library.custom_op("hybridlab::selective_attention", mutates_args=())
+def _op(q: Tensor, k: Tensor, v: Tensor, q_mask: Optional[Tensor], kv_mask: Optional[Tensor],
+        window: Optional[int], scale: Optional[float], seq_idx: Optional[Tensor]
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(o, lse, sel_pos, rank): the output and what the backward keeps (see
+    selective_attention_triton.forward)."""
+    if _triton_on_cpu():
+        return _sat().forward(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
+    o = selective_attention_ref(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
+    lse, sel_pos, rank = (torch.zeros_like(t) for t in _saved_like(q, q_mask))
+    return o, lse, sel_pos, rank
+
+
+@_op.register_kernel("cuda")
+def _op_cuda(q, k, v, q_mask, kv_mask, window, scale, seq_idx):
+    return _sat().forward(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
+
+
+def _saved_like(q, q_mask):
+    """Empty tensors shaped as the op's lse, sel_pos, rank."""
+    b, L, hq, _ = q.shape
+    n = L + 1 if q_mask is not None else 1
+    return (q.new_empty(b, hq, max(L, 1), dtype=torch.float32),
+            *(q.new_empty((b, n) if q_mask is not None else (n,), dtype=torch.int32) for _ in range(2)))
+
+
+@_op.register_fake
+def _op_fake(q, k, v, q_mask, kv_mask, window, scale, seq_idx):
+    return (torch.empty_like(q), *_saved_like(q, q_mask))
+
+
+@torch.library.custom_op("hybridlab::selective_attention_backward", mutates_args=())
+def _op_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, sel_pos: Tensor,
+                 rank: Tensor, q_mask: Optional[Tensor], kv_mask: Optional[Tensor], window: Optional[int],
+                 scale: Optional[float], seq_idx: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); k's and v's in q's dtype."""
+    if _triton_on_cpu():
+        return _sat().backward(do, q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, window, scale, seq_idx)
+    # the reference's gradients; an op's implementation runs below autograd, torch.func does not
+    ref = lambda q, k, v: selective_attention_ref(q, k, v, q_mask, kv_mask, window, scale, seq_idx)  # noqa: E731
+    _, vjp = torch.func.vjp(ref, q, k, v)
+    dq, dk, dv = vjp(do)
+    return dq, dk.to(q.dtype), dv.to(q.dtype)
+
+
+@_op_backward.register_kernel("cuda")
+def _op_backward_cuda(do, q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, window, scale, seq_idx):
+    return _sat().backward(do, q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, window, scale, seq_idx)
+
+
+@_op_backward.register_fake
+def _op_backward_fake(do, q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, window, scale, seq_idx):
+    # k and v come back in q's dtype, as the kernels compute them; autograd casts to k's, v's
+    return torch.empty_like(q), torch.empty_like(k, dtype=q.dtype), torch.empty_like(v, dtype=q.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_mask, kv_mask, window, scale, seq_idx = inputs
+    o, lse, sel_pos, rank = output
+    ctx.save_for_backward(q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, seq_idx)
+    ctx.window, ctx.scale = window, scale
+
+
+def _backward(ctx, do, _dlse, _dsel_pos, _drank):
+    q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, seq_idx = ctx.saved_tensors
+    dq, dk, dv = _op_backward(do, q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, ctx.window, ctx.scale,
+                              seq_idx)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None,
                         seq_idx=None):
-    impl = triton_impl("selective_attention_triton") if use_triton(q) else None
-    if impl is not None:
-        return impl.selective_attention(q, k, v, q_mask=q_mask, kv_mask=kv_mask,
-                                        window=window, scale=scale, seq_idx=seq_idx)
+    if use_triton(q) and _sat() is not None:
+        window = None if window is None else int(window)
+        scale = None if scale is None else float(scale)
+        return _op(q, k, v, q_mask, kv_mask, window, scale, seq_idx)[0]
     return selective_attention_ref(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
 
 

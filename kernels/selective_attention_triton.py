@@ -761,79 +761,109 @@ def _doc_bounds(seq_idx, L):
     return doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous()
 
 
+def _prepare(q, k, v, window, scale):
+    """The kernels' view of the arguments: K/V in q's dtype, unit stride along the head dim,
+    an int window (>= L: full causal attention) and a float scale."""
+    b, L, hq, d = q.shape
+    _check_head_dim(d)
+    if hq % k.shape[2]:
+        raise ValueError(f"GQA needs hq % hkv == 0, got hq={hq}, hkv={k.shape[2]}")
+    q, k, v = (_last_dim_contiguous(t.to(q.dtype)) for t in (q, k, v))
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    window = L if window is None else max(1, min(int(window), L))
+    return q, k, v, window, scale
+
+
+def _kv_bytes(kv_mask, device):
+    if kv_mask is None:
+        return torch.empty(1, device=device, dtype=torch.uint8)  # unused
+    return _as_bytes(kv_mask.to(device=device, dtype=torch.bool))
+
+
+def forward(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None, seq_idx=None):
+    """The forward kernels. Returns o (b, L, hq, d) and what `backward` needs: lse (b, hq, L)
+    fp32 by compacted row, and sel_pos, rank (b, L+1) int32 (1-element placeholders when
+    q_mask is None)."""
+    b, L, hq, d = q.shape
+    hkv = k.shape[2]
+    q, k, v, window, scale = _prepare(q, k, v, window, scale)
+    dense = q_mask is None
+    if dense:
+        sel_pos = rank = torch.zeros(1, device=q.device, dtype=torch.int32)  # unused
+    else:
+        sel_pos, rank = _compact(q_mask.to(device=q.device, dtype=torch.bool), L)
+    o = _empty_like(q)  # every row is written: attention rows, and zeros for unselected rows
+    lse = torch.empty(b, hq, max(L, 1), device=q.device, dtype=torch.float32)
+    if b * L * hq == 0:
+        return o, lse, sel_pos, rank
+    has_kv = kv_mask is not None
+    kvm = _kv_bytes(kv_mask, q.device)
+    has_seq = seq_idx is not None
+    doc_start = _doc_bounds(seq_idx.to(q.device), L)[0] if has_seq else kvm  # unused if not has_seq
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
+    launch(_sel_attn_fwd, grid, (L, window, d, dense, has_kv, has_seq, q.dtype),
+           q, k, v, o, lse, sel_pos, rank, kvm, doc_start,
+           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+           L, hq, hq // hkv, window, scale * _LOG2E,
+           HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
+           DOT_FP32=_INTERPRET, OFF64=_needs_int64(L, q, k, v))
+    return o, lse, sel_pos, rank
+
+
+def backward(do, q, k, v, o, lse, sel_pos, rank, q_mask=None, kv_mask=None, window=None, scale=None,
+             seq_idx=None):
+    """The backward kernels, from `forward`'s outputs. Returns dq, dk, dv (k's and v's dtype is
+    q's, as in the forward)."""
+    b, L, hq, d = q.shape
+    hkv = k.shape[2]
+    q, k, v, window, scale = _prepare(q, k, v, window, scale)
+    do = _last_dim_contiguous(do.to(q.dtype))
+    dq = _empty_like(q)  # _sel_attn_bwd_dq writes every row, zeros for unselected
+    dk = _empty_like(k)  # every key block is written by the dk/dv kernel
+    dv = _empty_like(v)
+    if b * L * hq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    dense, has_kv, has_seq = q_mask is None, kv_mask is not None, seq_idx is not None
+    kvm = _kv_bytes(kv_mask, q.device)
+    doc_start, doc_end = _doc_bounds(seq_idx.to(q.device), L) if has_seq else (kvm, kvm)
+    off64 = _needs_int64(L, q, k, v, do)
+    delta = _empty_like(lse)  # written by the dq kernel, read by the dk/dv kernel
+    tune_key = (L, window, d, dense, has_kv, has_seq, q.dtype)
+    grid_q = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
+    launch(_sel_attn_bwd_dq, grid_q, tune_key,
+           q, k, v, o, do, dq, lse, delta, sel_pos, rank, kvm, doc_start,
+           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
+           *dq.stride()[:3],
+           L, hq, hq // hkv, window, scale * _LOG2E, scale,
+           HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
+           DOT_FP32=_INTERPRET, OFF64=off64)
+    grid_k = lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), b * hkv)  # noqa: E731
+    launch(_sel_attn_bwd_dkdv, grid_k, tune_key,
+           q, k, v, do, dk, dv, lse, delta, sel_pos, rank, kvm, doc_end,
+           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+           *dk.stride()[:3], *dv.stride()[:3],
+           L, hq, hkv, hq // hkv, window, scale * _LOG2E, scale,
+           HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
+           DOT_FP32=_INTERPRET, OFF64=off64)
+    return dq, dk, dv
+
+
 class _SelectiveAttention(torch.autograd.Function):
+    """The kernels on any device (the interpreter's on the CPU). Models reach them through the
+    custom op `hybridlab::selective_attention` (selective_attention.py) instead."""
+
     @staticmethod
-    def forward(ctx, q, k, v, q_mask, kv_mask, window, scale, seq_idx=None):
-        b, L, hq, d = q.shape
-        hkv = k.shape[2]
-        _check_head_dim(d)
-        if hq % hkv:
-            raise ValueError(f"GQA needs hq % hkv == 0, got hq={hq}, hkv={hkv}")
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
-        # a window >= L is full causal attention; keep the kernels' window an int always
-        window = L if window is None else max(1, min(int(window), L))
-        dense = q_mask is None
-        if dense:
-            sel_pos = rank = torch.empty(1, device=q.device, dtype=torch.int32)  # unused
-            o = _empty_like(q)  # every row is written
-        else:
-            sel_pos, rank = _compact(q_mask.to(device=q.device, dtype=torch.bool), L)
-            o = _empty_like(q)  # _sel_attn_fwd zeroes the unselected rows itself
-        has_kv = kv_mask is not None
-        off64 = _needs_int64(L, q, k, v)
-        kvm = (_as_bytes(kv_mask.to(device=q.device, dtype=torch.bool)) if has_kv
-               else torch.empty(1, device=q.device, dtype=torch.uint8))
-        lse = torch.empty(b, hq, max(L, 1), device=q.device, dtype=torch.float32)
-        has_seq = seq_idx is not None and L > 0
-        doc_start, doc_end = (_doc_bounds(seq_idx.to(q.device), L) if has_seq
-                              else (kvm, kvm))  # unused when not has_seq
-        if b * L * hq:
-            grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
-            launch(_sel_attn_fwd, grid, (L, window, d, dense, has_kv, has_seq, q.dtype),
-                q, k, v, o, lse, sel_pos, rank, kvm, doc_start,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                L, hq, hq // hkv, window, scale * _LOG2E,
-                HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
-                DOT_FP32=_INTERPRET, OFF64=off64)
-        ctx.docs = (has_seq, doc_start, doc_end)
-        ctx.save_for_backward(q, k, v, o, lse, sel_pos, rank, kvm)
-        ctx.meta = (window, scale, dense, has_kv)
+    def forward(ctx, q, k, v, q_mask, kv_mask, window, scale, seq_idx):
+        o, lse, sel_pos, rank = forward(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
+        ctx.save_for_backward(q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, seq_idx)
+        ctx.window, ctx.scale = window, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, sel_pos, rank, kvm = ctx.saved_tensors
-        window, scale, dense, has_kv = ctx.meta
-        b, L, hq, d = q.shape
-        hkv = k.shape[2]
-        do = _last_dim_contiguous(do.to(q.dtype))
-        off64 = _needs_int64(L, q, k, v, do)
-        dq = _empty_like(q)  # _sel_attn_bwd_dq writes every row, zeros for unselected
-        dk = _empty_like(k)  # every key block is written by the dk/dv kernel
-        dv = _empty_like(v)
-        if b * L * hq == 0:
-            return dq, dk.zero_(), dv.zero_(), None, None, None, None, None
-        has_seq, doc_start, doc_end = ctx.docs
-        delta = _empty_like(lse)  # written by the dq kernel, read by the dk/dv kernel
-        tune_key = (L, window, d, dense, has_kv, has_seq, q.dtype)
-        grid_q = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), b * hq)  # noqa: E731
-        launch(_sel_attn_bwd_dq, grid_q, tune_key,
-            q, k, v, o, do, dq, lse, delta, sel_pos, rank, kvm, doc_start,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
-            *dq.stride()[:3],
-            L, hq, hq // hkv, window, scale * _LOG2E, scale,
-            HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
-            DOT_FP32=_INTERPRET, OFF64=off64)
-        grid_k = lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), b * hkv)  # noqa: E731
-        launch(_sel_attn_bwd_dkdv, grid_k, tune_key,
-            q, k, v, do, dk, dv, lse, delta, sel_pos, rank, kvm, doc_end,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-            *dk.stride()[:3], *dv.stride()[:3],
-            L, hq, hkv, hq // hkv, window, scale * _LOG2E, scale,
-            HEAD_DIM=d, DENSE=dense, HAS_KV_MASK=has_kv, HAS_SEQ=has_seq,
-            DOT_FP32=_INTERPRET, OFF64=off64)
+        q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, seq_idx = ctx.saved_tensors
+        dq, dk, dv = backward(do, q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, ctx.window, ctx.scale,
+                              seq_idx)
         return dq, dk, dv, None, None, None, None, None
 
 
