@@ -166,7 +166,7 @@ def _cmd_bench(args) -> int:
         parse_lengths(args.contexts)  # a bad --contexts fails now, not after the training bench
         bench_model(args.arch, batch=args.batch, seq_len=args.seq_len, contexts=args.contexts,
                     steps=args.steps, json_path=args.json, device=_device(args.device), time_budget_s=args.time_budget,
-                    cuda_graph=args.cuda_graph, anchors=args.anchors)
+                    cuda_graph=args.cuda_graph, anchors=args.anchors, compile=args.compile)
         return 0
     from hybridlab.benchmarks.kernels import bench
 
@@ -342,6 +342,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "when installed, and print the side-by-side table")
     s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="decode through a captured CUDA graph, on CUDA (default; exact: same tokens as eager)")
+    s.add_argument("--compile", action="store_true",
+                   help="bench model: also time training through torch.compile (the first steps compile)")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_bench)
 

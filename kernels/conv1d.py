@@ -1,10 +1,13 @@
 """Causal depthwise conv1d (+ SiLU), as in Mamba-2's x/B/C path, and its one-token update."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .dispatch import triton_impl, use_triton
+from .dispatch import requested_backend, triton_impl, use_triton
 
 
 def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, activation="silu"):
@@ -47,10 +50,98 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation="silu"
     return y.to(x.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# The training kernels as the custom op `hybridlab::causal_conv1d` (one opaque node for
+# torch.compile, forward and backward): Triton on CUDA; elsewhere the reference, or the kernels
+# under Triton's interpreter when HYBRIDLAB_KERNELS=triton. Decoding's update stays a plain call.
+# ----------------------------------------------------------------------------------------------
+def _ct():
+    return triton_impl("conv1d_triton")
+
+
+def _triton_on_cpu() -> bool:
+    return requested_backend() == "triton"
+
+
+def _silu_flag(activation):
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"unknown activation {activation!r}")
+    return activation is not None
+
+
+@torch.library.custom_op("hybridlab::causal_conv1d", mutates_args=())
+def _op(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor], silu: bool) -> Tensor:
+    """y (b, l, d), contiguous, in x's dtype; weight (d, k). The backward keeps only the inputs."""
+    if _triton_on_cpu():
+        return _ct().forward(x, weight, bias, seq_idx, silu)
+    return causal_conv1d_ref(x, weight, bias, seq_idx, "silu" if silu else None).contiguous()
+
+
+@_op.register_kernel("cuda")
+def _op_cuda(x, weight, bias, seq_idx, silu):
+    return _ct().forward(x, weight, bias, seq_idx, silu)
+
+
+@_op.register_fake
+def _op_fake(x, weight, bias, seq_idx, silu):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("hybridlab::causal_conv1d_backward", mutates_args=())
+def _op_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
+                 silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias), each in its input's dtype; dbias is empty without a bias."""
+    if _triton_on_cpu():
+        dx, dw, db = _ct().backward(dy, x, weight, bias, seq_idx, silu)
+    else:  # the reference's gradients (torch.func: plain autograd does not run inside an op)
+        act = "silu" if silu else None
+        if bias is None:
+            _, vjp = torch.func.vjp(lambda x, w: causal_conv1d_ref(x, w, None, seq_idx, act), x, weight)
+            (dx, dw), db = vjp(dy), None
+        else:
+            _, vjp = torch.func.vjp(lambda x, w, b: causal_conv1d_ref(x, w, b, seq_idx, act), x, weight, bias)
+            dx, dw, db = vjp(dy)
+        dx = dx.contiguous()
+    return dx, dw, db if db is not None else x.new_empty(0)
+
+
+@_op_backward.register_kernel("cuda")
+def _op_backward_cuda(dy, x, weight, bias, seq_idx, silu):
+    dx, dw, db = _ct().backward(dy, x, weight, bias, seq_idx, silu)
+    return dx, dw, db if db is not None else x.new_empty(0)
+
+
+@_op_backward.register_fake
+def _op_backward_fake(dy, x, weight, bias, seq_idx, silu):
+    db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, seq_idx, silu = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx)
+    ctx.silu = silu
+
+
+def _backward(ctx, dy):
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dw, db = _op_backward(dy, x, weight, bias, seq_idx, ctx.silu)
+    return dx, dw, db if bias is not None else None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu"):
-    impl = triton_impl("conv1d_triton") if use_triton(x) else None
-    if impl is not None:
-        return impl.causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
+    """x (b, l, d); weight (d, k) or nn.Conv1d's (d, 1, k); bias (d,); seq_idx (b, l).
+    Returns (b, l, d) in x's dtype."""
+    if use_triton(x):  # nothing here that torch.compile cannot trace: the op is one node
+        silu = _silu_flag(activation)
+        if weight.dim() == 3:
+            weight = weight.squeeze(1)
+        if seq_idx is not None:  # once here, so the forward and the backward share it
+            seq_idx = seq_idx.to(torch.int32).contiguous()
+        return _op(x, weight, bias, seq_idx, silu)
     return causal_conv1d_ref(x, weight, bias, seq_idx=seq_idx, activation=activation)
 
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .conv1d import _silu_flag
 from .launch import launch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -305,12 +306,6 @@ def _conv_update_kernel(
 # host side
 
 
-def _silu_flag(activation):
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"unknown activation {activation!r}")
-    return activation is not None
-
-
 def _rows(k):
     return _ROWS and k <= 4
 
@@ -404,20 +399,36 @@ def row_kernels(enabled: bool):
 _BWD_DPRE_LOWP = os.environ.get("HYBRIDLAB_CONV_BWD_LOWP", "1") != "0"
 
 
+def _seq_i32(seq_idx):
+    return None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+
+
+def forward(x, weight, bias, seq_idx, silu):
+    """The forward kernel: y (b, l, d) in x's dtype. The backward needs only the inputs (it
+    recomputes the pre-activation), so nothing else is returned. weight is (d, k)."""
+    return _conv_fwd(x, weight, bias, _seq_i32(seq_idx), silu)
+
+
+def backward(dy, x, weight, bias, seq_idx, silu):
+    """The backward kernels: dx (x's dtype), dweight (weight's), dbias (bias's; None without)."""
+    return _conv_bwd(x, weight, bias, _seq_i32(seq_idx), dy, silu)
+
+
 class CausalConv1dFn(torch.autograd.Function):
+    """The kernels on any device (the interpreter's on the CPU). Models reach them through the
+    custom op `hybridlab::causal_conv1d` (conv1d.py) instead."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, silu):
-        if seq_idx is not None:
-            seq_idx = seq_idx.to(torch.int32).contiguous()
-        y = _conv_fwd(x, weight, bias, seq_idx, silu)
+        seq_idx = _seq_i32(seq_idx)
         ctx.save_for_backward(x, weight, bias, seq_idx)
         ctx.silu = silu
-        return y
+        return forward(x, weight, bias, seq_idx, silu)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, seq_idx = ctx.saved_tensors
-        dx, dw, db = _conv_bwd(x, weight, bias, seq_idx, dy, ctx.silu)
+        dx, dw, db = backward(dy, x, weight, bias, seq_idx, ctx.silu)
         return dx, dw, db, None, None
 
 

@@ -73,22 +73,38 @@ def _mean_loss(h, weight, targets, chunk, ignore_index, grad_h=None, grad_w=None
     return losses.sum() * inv_count
 
 
+def forward(h, weight, targets, chunk, ignore_index, need_grad_h=True, need_grad_w=True):
+    """The loss and, as asked, its gradients, in one pass: (loss, grad_h, grad_w). grad_h is in
+    h's dtype (N, d), grad_w fp32 (V, d), each None when not asked for. h and targets must be
+    contiguous."""
+    grad_h = torch.empty_like(h) if need_grad_h else None
+    grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if need_grad_w else None
+    loss = _mean_loss(h, weight, targets, chunk, ignore_index, grad_h, grad_w)
+    return loss, grad_h, grad_w
+
+
+def backward(grad_out, grad_h, grad_w, weight_dtype):
+    """The gradients `forward` made, scaled by the loss's incoming gradient (None stays None)."""
+    gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+    gw = (grad_w * grad_out).to(weight_dtype) if grad_w is not None else None
+    return gh, gw
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """The kernels on any device (the interpreter's on the CPU). Models reach them through the
+    custom op `hybridlab::linear_cross_entropy` (cross_entropy.py) instead."""
+
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, ignore_index):
         ctx.weight_dtype = weight.dtype
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        loss = _mean_loss(h, weight, targets, chunk, ignore_index, grad_h, grad_w)
+        loss, grad_h, grad_w = forward(h, weight, targets, chunk, ignore_index, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None
+        return (*backward(grad_out, grad_h, grad_w, ctx.weight_dtype), None, None, None)
 
 
 def fused_linear_cross_entropy(h, weight, targets, chunk: int = 8192, ignore_index: int = -100):

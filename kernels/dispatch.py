@@ -22,13 +22,19 @@ def requested_backend() -> str | None:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON: bool | None = None  # whether triton imports; found on first use
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # a module global rather than functools.lru_cache, which torch.compile traces around with a warning
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+            _TRITON = True
+        except ImportError:
+            _TRITON = False
+    return _TRITON
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

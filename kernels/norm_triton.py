@@ -168,49 +168,74 @@ def _n_bwd_programs(m, device):
     return max(1, min(m, 16 * sms))
 
 
+def _groups(d, group_size):
+    group_size = group_size or d
+    if d % group_size:
+        raise ValueError(f"group_size {group_size} does not divide d {d}")
+    return group_size, d // group_size
+
+
+def forward(x, z, weight, eps, group_size=None, norm_before_gate=False):
+    """The forward kernel. Returns y (x's shape and dtype, contiguous) and what `backward` needs
+    besides the inputs: rstd (..., n_groups) fp32, one per row and group."""
+    shape = x.shape
+    d = shape[-1]
+    group_size, n_groups = _groups(d, group_size)
+    x2 = _rows(x, d)
+    z2 = _rows(z, d) if z is not None else None
+    m = x2.shape[0]
+    y = torch.empty((m, d), device=x.device, dtype=x.dtype)
+    rstd = torch.empty((m, n_groups), device=x.device, dtype=torch.float32)
+    nbg = bool(norm_before_gate)
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), n_groups)  # noqa: E731
+    launch(_norm_fwd_kernel, grid, (group_size, d, z2 is not None, nbg, x.dtype),
+        x2, z2 if z2 is not None else x2, weight, y, rstd,
+        m, d, group_size, n_groups, x2.stride(0), z2.stride(0) if z2 is not None else 0, y.stride(0), eps,
+        HAS_Z=z2 is not None, NORM_BEFORE_GATE=nbg, BLOCK_G=triton.next_power_of_2(group_size),
+    )
+    return y.view(shape), rstd.view(*shape[:-1], n_groups)
+
+
+def backward(dy, x, z, weight, rstd, group_size=None, norm_before_gate=False):
+    """The backward kernel, from the inputs and `forward`'s rstd. Returns dx, dz (None without
+    z) and dweight, each in its input's dtype."""
+    shape = x.shape
+    d = shape[-1]
+    group_size, n_groups = _groups(d, group_size)
+    has_z, nbg = z is not None, bool(norm_before_gate)
+    x2, dy2 = _rows(x, d), _rows(dy, d)
+    z2 = _rows(z, d) if has_z else x2
+    m = x2.shape[0]
+    dx = torch.empty((m, d), device=x.device, dtype=x.dtype)
+    dz = torch.empty((m, d), device=x.device, dtype=z.dtype) if has_z else dx
+    n_prog = _n_bwd_programs(m, x.device)
+    dw_part = torch.empty((n_prog, d), device=x.device, dtype=torch.float32)
+    launch(_norm_bwd_kernel, (n_prog, n_groups), (group_size, d, has_z, nbg, x.dtype, dy2.dtype),
+        x2, z2, weight, dy2, rstd, dx, dz, dw_part,
+        m, d, group_size, n_groups,
+        x2.stride(0), z2.stride(0) if has_z else 0, dy2.stride(0), dx.stride(0), dz.stride(0) if has_z else 0,
+        HAS_Z=has_z, NORM_BEFORE_GATE=nbg, BLOCK_G=triton.next_power_of_2(group_size),
+    )
+    dw = dw_part.sum(0).to(weight.dtype)
+    return dx.view(shape), dz.view(shape) if has_z else None, dw
+
+
 class GatedRMSNormFn(torch.autograd.Function):
+    """The kernels on any device (the interpreter's on the CPU). Models reach them through the
+    custom op `hybridlab::gated_rms_norm` (norm.py) instead."""
+
     @staticmethod
     def forward(ctx, x, z, weight, eps, group_size, norm_before_gate):
-        shape = x.shape
-        d = shape[-1]
-        group_size = group_size or d
-        if d % group_size:
-            raise ValueError(f"group_size {group_size} does not divide d {d}")
-        n_groups = d // group_size
-        x2 = _rows(x, d)
-        z2 = _rows(z, d) if z is not None else None
-        m = x2.shape[0]
-        y = torch.empty((m, d), device=x.device, dtype=x.dtype)
-        rstd = torch.empty((m, n_groups), device=x.device, dtype=torch.float32)
-        block_g = triton.next_power_of_2(group_size)
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), n_groups)  # noqa: E731
-        launch(_norm_fwd_kernel, grid, (group_size, d, z2 is not None, bool(norm_before_gate), x.dtype),
-            x2, z2 if z2 is not None else x2, weight, y, rstd,
-            m, d, group_size, n_groups, x2.stride(0), z2.stride(0) if z2 is not None else 0, y.stride(0), eps,
-            HAS_Z=z2 is not None, NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK_G=block_g,
-        )
-        ctx.save_for_backward(x2, z2, weight, rstd)
-        ctx.meta = (shape, group_size, n_groups, bool(norm_before_gate), z is not None)
-        return y.view(shape)
+        y, rstd = forward(x, z, weight, eps, group_size, norm_before_gate)
+        ctx.save_for_backward(x, z, weight, rstd)
+        ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, z2, weight, rstd = ctx.saved_tensors
-        shape, group_size, n_groups, nbg, has_z = ctx.meta
-        m, d = x2.shape
-        dy2 = _rows(dy, d)
-        dx = torch.empty((m, d), device=x2.device, dtype=x2.dtype)
-        dz = torch.empty((m, d), device=x2.device, dtype=z2.dtype) if has_z else None
-        n_prog = _n_bwd_programs(m, x2.device)
-        dw_part = torch.empty((n_prog, d), device=x2.device, dtype=torch.float32)
-        launch(_norm_bwd_kernel, (n_prog, n_groups), (group_size, d, has_z, nbg, x2.dtype, dy2.dtype),
-            x2, z2 if has_z else x2, weight, dy2, rstd, dx, dz if has_z else dx, dw_part,
-            m, d, group_size, n_groups,
-            x2.stride(0), z2.stride(0) if has_z else 0, dy2.stride(0), dx.stride(0), dz.stride(0) if has_z else 0,
-            HAS_Z=has_z, NORM_BEFORE_GATE=nbg, BLOCK_G=triton.next_power_of_2(group_size),
-        )
-        dw = dw_part.sum(0).to(weight.dtype)
-        return dx.view(shape), dz.view(shape) if has_z else None, dw, None, None, None
+        x, z, weight, rstd = ctx.saved_tensors
+        dx, dz, dw = backward(dy, x, z, weight, rstd, ctx.group_size, ctx.norm_before_gate)
+        return dx, dz, dw, None, None, None
 
 
 def gated_rms_norm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=False):

@@ -789,7 +789,8 @@ def forward(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None, seq_idx
     q, k, v, window, scale = _prepare(q, k, v, window, scale)
     dense = q_mask is None
     if dense:
-        sel_pos = rank = torch.zeros(1, device=q.device, dtype=torch.int32)  # unused
+        # unused; two tensors, as a custom op's outputs may not alias each other
+        sel_pos, rank = (torch.zeros(1, device=q.device, dtype=torch.int32) for _ in range(2))
     else:
         sel_pos, rank = _compact(q_mask.to(device=q.device, dtype=torch.bool), L)
     o = _empty_like(q)  # every row is written: attention rows, and zeros for unselected rows

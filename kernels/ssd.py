@@ -15,10 +15,13 @@ when the boundary falls inside a chunk. `initial_states` belong to the first seq
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .dispatch import triton_impl, use_triton
+from .dispatch import requested_backend, triton_impl, use_triton
 
 
 def _prepare_dt(dt, dt_bias, dt_softplus, dt_limit):
@@ -170,12 +173,151 @@ def ssd_step_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
     return _skip_and_gate(y, x.float(), D, z).to(x.dtype)
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size=256, **kwargs):
-    """Dispatching entry point: Triton on CUDA when available, the reference otherwise."""
-    impl = triton_impl("ssd_triton") if use_triton(x) else None
-    if impl is not None:
-        return impl.ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, **kwargs)
-    return ssd_chunked_ref(x, dt, A, B, C, chunk_size=chunk_size, **kwargs)
+# ----------------------------------------------------------------------------------------------
+# The Triton scan as a torch.library custom op: torch.compile sees one opaque node forward and
+# one backward (no graph break, no tracing into Triton). On CUDA the op runs the Triton host
+# functions; elsewhere the reference (its extra outputs zeros), or the kernels under Triton's
+# interpreter when HYBRIDLAB_KERNELS=triton. Inputs that are None have no gradient; the ops'
+# outputs must all be Tensors, so absent ones travel as 0-element placeholders.
+# ----------------------------------------------------------------------------------------------
+def _ssdt():
+    return triton_impl("ssd_triton")
+
+
+def _triton_on_cpu() -> bool:
+    return requested_backend() == "triton"
+
+
+def _limit(dt_limit):
+    """The op's list back to the reference's tuple (which it compares with (0, inf))."""
+    return tuple(dt_limit) if dt_limit is not None else None
+
+
+def _saved_like(x, B, chunk_size, has_z):
+    """Empty tensors shaped as the op's dt_p, cs, prev, ypre (ssd_triton.forward)."""
+    b, l, h, p = x.shape
+    nc = (l + chunk_size - 1) // chunk_size  # the kernels' chunks are chunk_size tokens, the last padded
+    # carried states are stored in the input dtype for bf16/fp16 (ssd_triton._prev_dtype)
+    prev_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return (x.new_empty(b, h, nc * chunk_size, dtype=torch.float32),
+            x.new_empty(b, h, nc * chunk_size, dtype=torch.float32),
+            x.new_empty(b, nc, h, p, B.shape[-1], dtype=prev_dtype),
+            x.new_empty(x.shape if has_z else (0,)))
+
+
+@torch.library.custom_op("hybridlab::ssd_chunked", mutates_args=())
+def _op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Optional[Tensor],
+        z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, dt_limit: Optional[list[float]],
+        initial_states: Optional[Tensor], seq_idx: Optional[Tensor]
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, final_states, dt_p, cs, prev, ypre): the outputs and what the backward keeps
+    (ssd_triton.forward; ypre a placeholder without z)."""
+    if _triton_on_cpu():
+        return _op_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
+                          seq_idx)
+    y, final = ssd_chunked_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, _limit(dt_limit),
+                               initial_states, seq_idx, return_final_states=True)
+    # y can be a strided view of the padded scan; the op's outputs are contiguous, as the fake's
+    return (y.contiguous(), final, *(t.zero_() for t in _saved_like(x, B, chunk_size, z is not None)))
+
+
+@_op.register_kernel("cuda")
+def _op_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx):
+    y, final, dt_p, cs, prev, ypre = _ssdt().forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
+                                                     dt_limit, initial_states, seq_idx)
+    return y, final, dt_p, cs, prev, (ypre if ypre is not None else x.new_empty(0))
+
+
+@_op.register_fake
+def _op_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx):
+    b, _, h, p = x.shape
+    final = x.new_empty(b, h, p, B.shape[-1], dtype=torch.float32)
+    return (x.new_empty(x.shape), final, *_saved_like(x, B, chunk_size, z is not None))
+
+
+_GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+@torch.library.custom_op("hybridlab::ssd_chunked_backward", mutates_args=())
+def _op_backward(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                 C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                 initial_states: Optional[Tensor], seq_idx: Optional[Tensor], dt_p: Tensor, cs: Tensor,
+                 prev: Tensor, ypre: Tensor, chunk_size: int, dt_softplus: bool,
+                 dt_limit: Optional[list[float]]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                           Tensor, Tensor, Tensor]:
+    """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states), each in its input's dtype and
+    shape; a placeholder for an input that is None. dfinal None: no gradient of final_states."""
+    if _triton_on_cpu():
+        return _op_backward_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_p,
+                                   cs, prev, ypre, chunk_size, dt_softplus, dt_limit)
+    # the reference's gradients; an op's implementation runs below autograd, torch.func does not
+    inputs = dict(zip(_GRAD_INPUTS, (x, dt, A, B, C, D, z, dt_bias, initial_states)))
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def ref(*tensors):
+        kw = {**inputs, **dict(zip(names, tensors))}
+        return ssd_chunked_ref(chunk_size=chunk_size, dt_softplus=dt_softplus, dt_limit=_limit(dt_limit),
+                               seq_idx=seq_idx, return_final_states=True, **kw)
+
+    (_, final), vjp = torch.func.vjp(ref, *(inputs[k] for k in names))
+    grads = dict(zip(names, vjp((dy, dfinal if dfinal is not None else torch.zeros_like(final)))))
+    return tuple(grads[k].contiguous() if k in grads else x.new_empty(0) for k in _GRAD_INPUTS)
+
+
+@_op_backward.register_kernel("cuda")
+def _op_backward_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_p, cs, prev,
+                        ypre, chunk_size, dt_softplus, dt_limit):
+    grads = _ssdt().backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_p, cs,
+                             prev, ypre, chunk_size, dt_softplus, dt_limit)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_op_backward.register_fake
+def _op_backward_fake(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_p, cs, prev,
+                      ypre, chunk_size, dt_softplus, dt_limit):
+    return tuple(t.new_empty(t.shape) if t is not None else x.new_empty(0)
+                 for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx = inputs
+    _, _, dt_p, cs, prev, ypre = output
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_p, cs, prev, ypre)
+    ctx.options = chunk_size, dt_softplus, dt_limit
+    ctx.absent = [t is None for t in (D, z, dt_bias, initial_states)]
+    # an unused final_states then gives dfinal None, not zeros: the kernels skip its gradient
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy, dfinal, _ddt_p, _dcs, _dprev, _dypre):
+    x, *saved = ctx.saved_tensors
+    if dy is None:  # only final_states was used
+        dy = torch.zeros_like(x)
+    dx, ddt, dA, dB, dC, *optional = _op_backward(dy, dfinal, x, *saved, *ctx.options)
+    dD, dz, ddt_bias, dinit = (None if absent else g for g, absent in zip(optional, ctx.absent))
+    return dx, ddt, dA, dB, dC, None, dD, dz, ddt_bias, None, None, dinit, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=True,
+                dt_limit=None, initial_states=None, seq_idx=None, return_final_states=False):
+    """Dispatching entry point: the Triton scan (through the op) on CUDA when available, the
+    reference otherwise (eager CPU training keeps plain autograd through it)."""
+    if use_triton(x):  # nothing here that torch.compile cannot trace: the op is one node
+        # contiguous here, outside the op: its saved inputs are then the copies the kernels read,
+        # and the backward does not copy them again
+        x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
+        z = z.contiguous() if z is not None else None
+        seq_idx = seq_idx.to(torch.int32) if seq_idx is not None else None  # the kernels' dtype
+        dt_limit = None if dt_limit is None else [float(dt_limit[0]), float(dt_limit[1])]
+        y, final = _op(x, dt, A, B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus), dt_limit,
+                       initial_states, seq_idx)[:2]
+        return (y, final) if return_final_states else y
+    return ssd_chunked_ref(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                           dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
+                           seq_idx=seq_idx, return_final_states=return_final_states)
 
 
 def ssd_step(state, x, dt, A, B, C, **kwargs):

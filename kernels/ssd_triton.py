@@ -842,9 +842,52 @@ def _forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_st
     return y, final, dt_p, cs, prev, ypre
 
 
-def _backward(ctx, dy, dfinal):
-    (x, dt_raw, A, B, C, D, z, dt_bias, init, seq_idx, dt_p, cs, prev, ypre) = ctx.saved_tensors
-    Q = ctx.chunk_size
+def _limit(dt_limit):
+    """(lo, hi) as floats, or None where nothing is clamped (no limit, or (0, inf))."""
+    if dt_limit is None or tuple(dt_limit) == (0.0, float("inf")):
+        return None
+    return float(dt_limit[0]), float(dt_limit[1])
+
+
+def _prepare(x, dt, A, B, C, chunk_size, D, z, initial_states, seq_idx):
+    """The layouts the kernels read: contiguous; B and C in x's dtype (they enter the same
+    matmuls as x); D as (H, P); seq_idx int32. No-ops on inputs already so, as the op's inputs
+    are (ssd.py makes them contiguous before the op), so `backward` can prepare them again."""
+    h, p = x.shape[2:]
+    assert h % B.shape[-2] == 0, "nheads must be a multiple of ngroups"
+    assert chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0, "chunk_size: a power of two >= 16"
+    x, dt, A = x.contiguous(), dt.contiguous(), A.contiguous()
+    B, C = B.to(x.dtype).contiguous(), C.to(x.dtype).contiguous()
+    if D is not None:
+        D = (D[:, None].expand(h, p) if D.dim() == 1 else D).contiguous()
+    z = z.contiguous() if z is not None else None
+    init = initial_states.contiguous() if initial_states is not None else None
+    seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    return x, dt, A, B, C, D, z, init, seq_idx
+
+
+def forward(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=True,
+            dt_limit=None, initial_states=None, seq_idx=None):
+    """The forward kernels. Returns y (b, l, h, p) in x's dtype, final_states (b, h, p, n) fp32,
+    and what `backward` needs: dt_p, cs (b, h, nc*Q) fp32, prev (b, nc, h, p, n), ypre (y before
+    the gate; None without z)."""
+    x, dt, A, B, C, Dh, z, init, seq_idx = _prepare(x, dt, A, B, C, chunk_size, D, z, initial_states,
+                                                    seq_idx)
+    return _forward(x, dt, A, B, C, chunk_size, Dh, z, dt_bias, dt_softplus, _limit(dt_limit), init,
+                    seq_idx)
+
+
+def backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_p, cs, prev, ypre,
+             chunk_size=256, dt_softplus=True, dt_limit=None):
+    """The backward kernels, from `forward`'s inputs (as they were given to it) and its saved
+    outputs; dfinal (the final state's gradient) may be None. Returns dx, ddt, dA, dB, dC, dD, dz,
+    ddt_bias, dinitial_states, each in its input's dtype and shape; None for absent inputs."""
+    B_dtype, C_dtype, D_in = B.dtype, C.dtype, D
+    x, dt_raw, A, B, C, D, z, init, seq_idx = _prepare(x, dt, A, B, C, chunk_size, D, z, initial_states,
+                                                       seq_idx)
+    dt_limit = _limit(dt_limit)
+    dfinal = dfinal.contiguous() if dfinal is not None else None
+    Q = chunk_size
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     nc = triton.cdiv(l, Q)
@@ -919,66 +962,48 @@ def _backward(ctx, dy, dfinal):
     ddt_raw = torch.empty_like(dt_raw)
     dA_part = torch.empty(b * nc, h, device=dev, dtype=torch.float32)
     dbias_part = torch.empty_like(dA_part) if dt_bias is not None else dA_part
-    lo, hi_ = ctx.dt_limit if ctx.dt_limit is not None else (0.0, 0.0)
+    lo, hi_ = dt_limit if dt_limit is not None else (0.0, 0.0)
     BH = min(_pow2(h, 1), 8 if Q > 128 else 16)
     _dt_bwd[(nc, b, triton.cdiv(h, BH))](
         dcs_a, dcs_b, dcse, dcs_end_sp, ddt, dt_p, A, dt_raw, dt_bias if dt_bias is not None else A,
         ddt_raw, dA_part, dbias_part,
         l, h, dcs_end_sp.shape[-1], *dt_raw.stride(), *ddt_raw.stride(), lo, hi_,
         Q=Q, BLOCK_H=BH, BLOCK_E=_pow2(dcs_end_sp.shape[-1], 1),
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(ctx.dt_softplus), HAS_LIMIT=ctx.dt_limit is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=dt_limit is not None,
     )
-    dA = dA_part.sum(0) if ctx.needs_input_grad[2] else None
+    dA = dA_part.sum(0).to(A.dtype)
     ddt_bias = dbias_part.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
 
-    dB = dB_sp.sum(2).to(ctx.B_dtype)                                             # (B, L, G, N)
-    dC = dC_sp.sum(2).to(ctx.C_dtype)
+    dB = dB_sp.sum(2).to(B_dtype)                                              # (B, L, G, N)
+    dC = dC_sp.sum(2).to(C_dtype)
     dD = None
     if D is not None:
         dD = dD_sp.sum((0, 1))                                                     # (H, P)
-        if ctx.D_dim == 1:
+        if D_in.dim() == 1:
             dD = dD.sum(-1)
-        dD = dD.to(ctx.D_dtype)
+        dD = dD.to(D_in.dtype)
     dinit = dinit.to(init.dtype) if init is not None else None
-    return dx, ddt_raw, dA.to(A.dtype) if dA is not None else None, dB, dC, dD, dz, ddt_bias, dinit
+    return dx, ddt_raw, dA, dB, dC, dD, dz, ddt_bias, dinit
 
 
 class _SSDChunked(torch.autograd.Function):
+    """The kernels on any device (the interpreter's on the CPU). Models reach them through the
+    custom op `hybridlab::ssd_chunked` (ssd.py) instead."""
+
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                 initial_states, seq_idx, return_final_states):
-        b, l, h, p = x.shape
-        g = B.shape[-2]
-        assert h % g == 0, "nheads must be a multiple of ngroups"
-        assert chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0, "chunk_size: a power of two >= 16"
-        # B and C enter the same matmuls as x: one operand dtype (their grads return in their own)
-        x, dt = x.contiguous(), dt.contiguous()
-        ctx.B_dtype, ctx.C_dtype = B.dtype, C.dtype
-        B, C = B.to(x.dtype).contiguous(), C.to(x.dtype).contiguous()
-        z = z.contiguous() if z is not None else None
-        if seq_idx is not None:
-            seq_idx = seq_idx.to(torch.int32).contiguous()
-        Dh = None
-        if D is not None:
-            ctx.D_dim, ctx.D_dtype = D.dim(), D.dtype
-            Dh = (D[:, None].expand(h, p) if D.dim() == 1 else D).contiguous()   # (H, P)
-        init = initial_states.contiguous() if initial_states is not None else None
-        y, final, dt_p, cs, prev, ypre = _forward(
-            x, dt, A.contiguous(), B, C, chunk_size, Dh, z, dt_bias, dt_softplus, dt_limit, init, seq_idx)
-        ctx.save_for_backward(x, dt, A, B, C, Dh, z, dt_bias, init, seq_idx, dt_p, cs, prev, ypre)
-        ctx.chunk_size = chunk_size
-        ctx.dt_softplus = dt_softplus
-        ctx.dt_limit = (tuple(float(v) for v in dt_limit)
-                        if dt_limit is not None and tuple(dt_limit) != (0.0, float("inf")) else None)
+        y, final, *saved = forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+                                   initial_states, seq_idx)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, *saved)
+        ctx.options = chunk_size, dt_softplus, dt_limit
         ctx.return_final_states = return_final_states
         return (y, final) if return_final_states else y
 
     @staticmethod
     def backward(ctx, dy, *rest):
         dfinal = rest[0] if ctx.return_final_states else None
-        if dfinal is not None:
-            dfinal = dfinal.contiguous()
-        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = _backward(ctx, dy, dfinal)
+        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = backward(dy, dfinal, *ctx.saved_tensors, *ctx.options)
         return dx, ddt, dA, dB, dC, None, dD, dz, ddt_bias, None, None, dinit, None, None
 
 

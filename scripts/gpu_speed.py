@@ -140,7 +140,7 @@ def attention_section():
 
     rows = ba.run(shapes=[(4, 4096, 12, 64), (4, 16384, 12, 64)], capacities=["0.15", "0.05"], windows=(2048,))
     ba._print_table(rows)
-    from hybridlab.kernels.selective_attention_triton import selective_attention
+    from hybridlab.kernels import selective_attention
 
     b, L, h, d = 4, 4096, 12, 64
     q, k, v = (torch.randn(b, L, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -157,7 +157,7 @@ def host_section():
     """Where the host time of the selective attention at L4096 goes (CPU-side profile): the
     kernels take ~0.3 ms of a ~0.8 ms fwd+bwd there."""
     from hybridlab.benchmarks import attention as ba
-    from hybridlab.kernels.selective_attention_triton import selective_attention
+    from hybridlab.kernels import selective_attention
 
     b, L, h, d = 4, 4096, 12, 64
     q, k, v = (torch.randn(b, L, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -203,32 +203,39 @@ def anchors_section():
 
 
 def train_section():
-    """taipan-190m training at B8 L4096: tokens/s, MFU, memory (bench model, no decode)."""
+    """taipan-190m training at B8 L4096: tokens/s, MFU, memory, eager and compiled (bench model)."""
     from hybridlab.benchmarks.model import bench_model
 
     bench_model(f"{ROOT}/experiments/taipan-190m.yaml", batch=8, seq_len=4096, contexts="1K", steps=10,
-                anchors=False)
+                anchors=False, compile=True)
 
 
 def ssd_section():
+    """SSD fwd+bwd at B8 L2048 and L8192 through the public function (its custom op), issued
+    eagerly and replayed from a CUDA graph (GPU time alone)."""
+    from hybridlab.benchmarks.attention import graphed
     from hybridlab.benchmarks.ssd import inputs
-    from hybridlab.kernels.ssd_triton import ssd_chunked
+    from hybridlab.kernels import ssd_chunked
 
+    per_token = {}
     for b, l in ((8, 2048), (8, 8192)):
         x, dt, A, B, C, D, dt_bias = inputs(b, l, 24, 64, 128, 1)
         args = dict(chunk_size=256, D=D, dt_bias=dt_bias, dt_softplus=True)
         xs = [t.requires_grad_() for t in (x, dt, B, C)]
+        dy = torch.randn_like(x)
 
         def fwd():
             return ssd_chunked(x, dt, A, B, C, **args)
 
         def fb():
-            y = fwd()
-            torch.autograd.grad(y, xs, torch.ones_like(y))
-        tf, tfb = bench(fwd), bench(fb)
-        print(f"SSD B{b} L{l}: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms, "
-              f"fwd+bwd per 1M tokens {tfb / (b * l) * 1e6:.2f} ms", flush=True)
+            return torch.autograd.grad(fwd(), xs, dy)
+        tf, tfb, tg = bench(fwd), bench(fb), bench(graphed(fb))
+        per_token[l] = (tfb / (b * l), tg / (b * l))
+        print(f"SSD B{b} L{l}: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms (graph {tg:.3f} ms), "
+              f"fwd+bwd per 1M tokens {tfb / (b * l) * 1e6:.2f} ms (graph {tg / (b * l) * 1e6:.2f} ms)", flush=True)
         kernel_table(fb, f"SSD fwd+bwd B{b} L{l}")
+    print(f"SSD per token, L2048 / L8192: eager {per_token[2048][0] / per_token[8192][0]:.2f}x, "
+          f"graph {per_token[2048][1] / per_token[8192][1]:.2f}x")
 
 
 def main():

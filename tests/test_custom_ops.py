@@ -46,10 +46,11 @@ def test_selective_attention_op_passes_opcheck(case):
         torch.testing.assert_close(a, b)
 
 
-def test_selective_attention_op_runs_the_triton_kernels_when_asked(monkeypatch):
+@pytest.mark.parametrize("case", list(_sal_cases()))
+def test_selective_attention_op_runs_the_triton_kernels_when_asked(monkeypatch, case):
     pytest.importorskip("triton")
     monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
-    args = _grad_args(_sal_cases(torch.float32)["selected, kv mask, window, documents"])
+    args = _grad_args(_sal_cases(torch.float32)[case])
     o = sa.selective_attention(*args)  # the public function -> the op -> the Triton kernels
     do = torch.randn_like(o)
     got = torch.autograd.grad(o, args[:3], do)
@@ -68,5 +69,23 @@ def test_selective_attention_op_compiles_as_one_graph():
     do = torch.randn_like(o)
     got = torch.autograd.grad(o, args[:3], do)
     want = torch.autograd.grad(fn(*args), args[:3], do)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+def test_selective_attention_op_compiles_with_inductor_on_cuda():
+    """On CUDA the op runs the Triton kernels; inductor compiles around it (one extern node
+    each way) and gives eager's output and gradients."""
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a
+            for a in _sal_cases(torch.bfloat16)["selected, kv mask, window, documents"]]
+    args = _grad_args(args)
+
+    def fn(q, k, v, *rest):
+        return (sa.selective_attention(q * 2, k, v, *rest) + 1).float().square().mean()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    got = torch.autograd.grad(compiled(*args), args[:3])
+    want = torch.autograd.grad(fn(*args), args[:3])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)

@@ -1,6 +1,7 @@
 """HybridLM: whole-model decoding, auxiliary losses, saving."""
 from pathlib import Path
 
+import pytest
 import torch
 
 from hybridlab.graph import load_arch, parse_arch
@@ -93,15 +94,37 @@ def test_model_prefill_in_chunks_equals_forward():
     torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_the_model_compiles_as_one_graph_and_matches_eager():
+KERNEL_MODULES = ("selective_attention", "ssd", "conv1d", "norm", "cross_entropy")
+
+
+@pytest.mark.parametrize("through_ops", [False, True], ids=["reference kernels", "kernel custom ops"])
+def test_the_model_compiles_as_one_graph_and_matches_eager(monkeypatch, through_ops):
     """torch.compile(fullgraph=True) traces the whole model, forward and backward, with no graph
-    break (the reference kernels on the CPU; aot_eager keeps the test free of a C++ compile),
-    and gives eager's loss and gradients."""
+    break, and gives eager's loss and gradients (aot_eager keeps the test free of a C++ compile).
+    On the reference kernels (the CPU's path), and through the kernels' custom ops as on CUDA
+    (each kernel call one `hybridlab::` node; here with the reference as the ops' CPU code)."""
+    import importlib
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    if through_ops:
+        for name in KERNEL_MODULES:
+            monkeypatch.setattr(importlib.import_module(f"hybridlab.kernels.{name}"), "use_triton", lambda *t: True)
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs[kind] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
     arch = load_arch(str(Path(__file__).parent.parent / "experiments" / "taipan-tiny.yaml"))
     torch.manual_seed(0)
     model = HybridLM(arch)
     idx = torch.randint(0, arch.vocab_size, (2, 33))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     torch.manual_seed(1)  # the SAL's Gumbel noise
     out = compiled(idx[:, :-1], idx[:, 1:], return_logits=False, step=0)
     out.loss.backward()
@@ -113,6 +136,13 @@ def test_the_model_compiles_as_one_graph_and_matches_eager():
     torch.testing.assert_close(out.loss, ref.loss)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
+    ops = {str(n.target).split(".")[1] for n in graphs["forward"].graph.nodes
+           if n.op == "call_function" and str(n.target).startswith("hybridlab.")}
+    if through_ops:
+        assert ops == {"selective_attention", "ssd_chunked", "causal_conv1d", "gated_rms_norm",
+                       "linear_cross_entropy"}
+    else:
+        assert not ops
 
 
 def test_training_compile_option_compiles_the_model(tmp_path, monkeypatch):

@@ -20,10 +20,11 @@ def _sync(device):
 
 
 def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp, vocab: int | None = None,
-                     loss_fn=None) -> dict:
+                     loss_fn=None, compile: bool = False) -> dict:
     """Training tokens/s and peak memory: AdamW, autocast, 2 untimed warm-up steps. `loss_fn(idx)`
     (idx (B, L+1) token ids) -> the loss; default: a HybridLM's own (another library's model, an
-    anchor, gives its own with `vocab`)."""
+    anchor, gives its own with `vocab`). `compile`: the model through torch.compile, as the
+    `compile: true` training option runs it (the warm-up steps pay the compilation)."""
     vocab = vocab or model.arch.vocab_size
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     model.train()
@@ -32,8 +33,10 @@ def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp, v
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if loss_fn is None:
+        forward = torch.compile(model) if compile else model
+
         def loss_fn(idx):
-            return model(idx[:, :-1], idx[:, 1:], return_logits=False).loss
+            return forward(idx[:, :-1], idx[:, 1:], return_logits=False).loss
 
     def one_step():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -63,9 +66,11 @@ def train_throughput(model, batch: int, seq_len: int, steps: int, device, amp, v
 
 def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: str = "1K,8K,32K,128K,1M",
                 steps: int = 10, json_path: str | None = None, device: str | None = None,
-                time_budget_s: float = 300.0, cuda_graph: bool = False, anchors: bool = True) -> dict:
+                time_budget_s: float = 300.0, cuda_graph: bool = False, anchors: bool = True,
+                compile: bool = False) -> dict:
     """`anchors`: also time the tools a researcher would pick instead (benchmarks/anchors.py),
-    when installed, in the same run, and print the side-by-side table."""
+    when installed, in the same run, and print the side-by-side table. `compile`: time training
+    both eagerly and through torch.compile (the decode rows stay eager/CUDA-graph)."""
     from ..model import HybridLM
 
     arch = load_arch(arch_path)
@@ -78,12 +83,14 @@ def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: s
     print(f"{arch.name}: {n / 1e6:.1f}M parameters on {name}")
     result = {"arch": arch.name, "params": n, "device": name, "batch": batch, "seq_len": seq_len}
 
-    tr = train_throughput(model, batch, seq_len, steps, dev, amp)
-    result["train"] = tr
-    if "stopped" in tr:
-        print(f"train B{batch} L{seq_len}: {tr['stopped']}")
-    else:
-        line = f"train B{batch} L{seq_len}: {tr['tokens_per_s'] / 1e3:.1f}K tokens/s ({tr['step_ms']:.1f} ms/step)"
+    for compiled in (False, True) if compile else (False,):
+        tr = train_throughput(model, batch, seq_len, steps, dev, amp, compile=compiled)
+        result["train_compiled" if compiled else "train"] = tr
+        label = f"train B{batch} L{seq_len}{' compiled' if compiled else ''}"
+        if "stopped" in tr:
+            print(f"{label}: {tr['stopped']}")
+            continue
+        line = f"{label}: {tr['tokens_per_s'] / 1e3:.1f}K tokens/s ({tr['step_ms']:.1f} ms/step)"
         if dev.type == "cuda":
             mfu = 6 * n * tr["tokens_per_s"] / (H200_BF16_TFLOPS * 1e12)
             analytic = 3 * flops_per_token(arch, seq_len) * tr["tokens_per_s"] / (H200_BF16_TFLOPS * 1e12)
@@ -92,7 +99,7 @@ def bench_model(arch_path: str, batch: int = 8, seq_len: int = 4096, contexts: s
                      f"{100 * analytic:.1f}% counting attention and SSD FLOPs), "
                      f"peak {tr['peak_memory_bytes'] / 2**30:.1f} GiB")
         print(line)
-    model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 

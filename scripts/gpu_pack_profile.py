@@ -1,0 +1,56 @@
+"""Issue 18 on the H200: where packed training loses time. taipan-190m, one micro-batch of
+B8 L4096 in bf16, forward + backward: without seq_idx, with seq_idx of one document per row
+(the packed kernels' paths with nothing to cut) and with the documents of the standard-library
+prepared data (a boundary in about a quarter of the rows), per-kernel GPU time for each.
+
+    source scripts/gpu_env.sh; cd /tmp; python -P $ROOT/scripts/gpu_pack_profile.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import triton.testing
+
+ROOT = os.environ.get("ROOT", os.getcwd())
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from gpu_profile import kernel_table  # noqa: E402
+
+
+def main():
+    from hybridlab.graph import load_arch
+    from hybridlab.model import HybridLM
+
+    torch.manual_seed(0)
+    arch = load_arch(f"{ROOT}/experiments/taipan-190m.yaml")
+    model = HybridLM(arch).cuda()
+    B, L = 8, 4096
+    idx = torch.randint(0, arch.vocab_size, (B, L + 1), device="cuda")
+    one_doc = torch.zeros(B, L, dtype=torch.int32, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    cuts = torch.randint(1, L, (B,), generator=g)
+    some = torch.rand(B, generator=g) < 0.25
+    docs = (torch.arange(L)[None] >= cuts[:, None]) & some[:, None]
+    docs = docs.to(torch.int32).cuda()
+
+    def step(seq_idx):
+        def fn():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(idx[:, :-1], idx[:, 1:], return_logits=False, step=0, seq_idx=seq_idx)
+            out.loss.backward()
+        return fn
+
+    cases = {"no seq_idx": None, "seq_idx, one document a row": one_doc, "seq_idx, stdlib-like cuts": docs}
+    for name, seq in cases.items():
+        fn = step(seq)
+        for _ in range(2):
+            fn()
+        ms = triton.testing.do_bench(fn, warmup=3, rep=40, return_mode="median", grad_to_none=list(model.parameters()))
+        print(f"{name}: fwd+bwd {ms:.2f} ms ({B * L / ms / 1e3:.1f}K tokens/s)", flush=True)
+    for name, seq in cases.items():
+        kernel_table(step(seq), name, top=30)
+
+
+if __name__ == "__main__":
+    main()
