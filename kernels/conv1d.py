@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import requested_backend, triton_impl, use_triton
+from .dispatch import requested_backend, through_op, triton_impl, use_triton
 
 
 def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, activation="silu"):
@@ -135,6 +135,8 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu"):
     """x (b, l, d); weight (d, k) or nn.Conv1d's (d, 1, k); bias (d,); seq_idx (b, l).
     Returns (b, l, d) in x's dtype."""
+    if use_triton(x) and not through_op():
+        return _ct().causal_conv1d(x, weight, bias, seq_idx, activation)
     if use_triton(x):  # nothing here that torch.compile cannot trace: the op is one node
         silu = _silu_flag(activation)
         if weight.dim() == 3:

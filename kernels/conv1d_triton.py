@@ -410,8 +410,10 @@ def forward(x, weight, bias, seq_idx, silu):
 
 
 def backward(dy, x, weight, bias, seq_idx, silu):
-    """The backward kernels: dx (x's dtype), dweight (weight's), dbias (bias's; None without)."""
-    return _conv_bwd(x, weight, bias, _seq_i32(seq_idx), dy, silu)
+    """The backward kernels: dx (x's dtype), dweight (weight's; contiguous, as the op's fake
+    says: the kernels' partial sums come out transposed), dbias (bias's; None without)."""
+    dx, dw, db = _conv_bwd(x, weight, bias, _seq_i32(seq_idx), dy, silu)
+    return dx, dw.contiguous(), db
 
 
 class CausalConv1dFn(torch.autograd.Function):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import requested_backend, triton_impl, use_triton
+from .dispatch import requested_backend, through_op, triton_impl, use_triton
 
 
 def linear_cross_entropy_ref(h, weight, targets, ignore_index=-100):
@@ -146,6 +146,8 @@ def linear_cross_entropy(h, weight, targets, chunk: int = 8192, ignore_index: in
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)
     with torch.autocast(h.device.type, enabled=False):
+        if use_triton(h) and not through_op():
+            return _cet().fused_linear_cross_entropy(h, weight.to(h.dtype), targets, chunk, ignore_index)
         if use_triton(h):  # nothing here that torch.compile cannot trace: the op is one node
             weight = weight.to(h.dtype)
             grad = torch.is_grad_enabled()  # the gradients are made in the forward only if needed

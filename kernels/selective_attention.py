@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import requested_backend, triton_impl, use_triton
+from .dispatch import requested_backend, through_op, triton_impl, use_triton
 
 
 def _visibility(L, window, q_mask, kv_mask, device, seq_idx=None):
@@ -170,7 +170,9 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 
 def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None,
                         seq_idx=None):
-    if use_triton(q):  # nothing here that torch.compile cannot trace: the op is one node
+    if use_triton(q):
+        if not through_op():
+            return _sat().selective_attention(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
         window = None if window is None else int(window)
         scale = None if scale is None else float(scale)
         return _op(q, k, v, q_mask, kv_mask, window, scale, seq_idx)[0]

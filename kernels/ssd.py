@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import requested_backend, triton_impl, use_triton
+from .dispatch import requested_backend, through_op, triton_impl, use_triton
 
 
 def _prepare_dt(dt, dt_bias, dt_softplus, dt_limit):
@@ -305,6 +305,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt
                 dt_limit=None, initial_states=None, seq_idx=None, return_final_states=False):
     """Dispatching entry point: the Triton scan (through the op) on CUDA when available, the
     reference otherwise (eager CPU training keeps plain autograd through it)."""
+    if use_triton(x) and not through_op():
+        return _ssdt().ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+                                   initial_states, seq_idx, return_final_states)
     if use_triton(x):  # nothing here that torch.compile cannot trace: the op is one node
         # contiguous here, outside the op: its saved inputs are then the copies the kernels read,
         # and the backward does not copy them again

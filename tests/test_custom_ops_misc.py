@@ -100,6 +100,7 @@ def _ce_public(h, w, t, chunk, ignore_index, *need):
     return ce.linear_cross_entropy(h, w, t, chunk, ignore_index)
 
 
+MODULES = {"causal_conv1d": conv, "gated_rms_norm": norm, "linear_cross_entropy": ce}
 OPS = {  # name: (op, cases, reference, public function, tolerances for fp32 through the kernels)
     "causal_conv1d": (conv._op, _conv_cases, _conv_ref, _conv_public, dict(atol=1e-5, rtol=1e-5)),
     "gated_rms_norm": (norm._op, _norm_cases, _norm_ref, _norm_public, dict(atol=1e-5, rtol=1e-5)),
@@ -134,6 +135,7 @@ def test_op_runs_the_triton_kernels_when_asked(name, monkeypatch):
     monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
     _, cases, ref, public, tol = OPS[name]
     args = _grad_args(next(iter(cases(torch.float32).values())))
+    monkeypatch.setattr(MODULES[name], "through_op", lambda: True)  # as under torch.compile
     kernels = importlib.import_module(f"hybridlab.kernels.{TRITON[name]}")
     calls = []
     for fn in ("forward", "backward"):  # count the Triton host functions' calls
@@ -151,17 +153,21 @@ def test_op_runs_the_triton_kernels_when_asked(name, monkeypatch):
 
 @pytest.mark.parametrize("name", list(OPS))
 def test_public_function_goes_through_the_op(name, monkeypatch):
-    """With the Triton backend asked for, the dispatcher calls the op (and so torch.compile
-    sees it); otherwise the reference's plain autograd."""
+    """With the Triton backend, the dispatcher calls the op where torch.compile traces
+    (`through_op`) and the kernels' autograd.Function in eager calls (less host time); without
+    it, the reference's plain autograd."""
     pytest.importorskip("triton")
-    op, cases, _, public, _ = OPS[name]
+    op, cases, ref, public, tol = OPS[name]
     args = next(iter(cases(torch.float32).values()))
-    module = {"causal_conv1d": conv, "gated_rms_norm": norm, "linear_cross_entropy": ce}[name]
+    module = MODULES[name]
     calls = []
     monkeypatch.setattr(module, "_op", lambda *a: calls.append(a) or op(*a))
     public(*args)
     assert not calls
     monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
+    torch.testing.assert_close(public(*args), ref(*args), **tol)  # the Triton kernels, eagerly
+    assert not calls
+    monkeypatch.setattr(module, "through_op", lambda: True)
     public(*args)
     assert len(calls) == 1
 
@@ -184,6 +190,7 @@ def test_cross_entropy_op_makes_only_the_gradients_asked_for(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
     h, w, t, chunk, ignore_index, *_ = _ce_cases(torch.float32)["ignored targets, several chunks"]
+    monkeypatch.setattr(ce, "through_op", lambda: True)
     seen = []
     op = ce._op
     monkeypatch.setattr(ce, "_op", lambda *a: seen.append(a[-2:]) or op(*a))
