@@ -539,6 +539,7 @@ def _bwd_dx_db(
     if HAS_SEQ:
         seq_s = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_s, mask=smask, other=-1)
         seq_end = tl.load(seq_ptr + b * stride_seq_b + t0 + chunk_len - 1)
+        mixed = tl.load(seq_ptr + b * stride_seq_b + t0) != seq_end  # more than one document
     dB = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     io_s = offs_s[:, None] * stride_x_l + offs_p[None, :] * stride_x_p
     iomask = smask[:, None] & pmask[None, :]
@@ -581,8 +582,9 @@ def _bwd_dx_db(
             cs_t = tl.load(cs_ptr + row + offs_t, mask=tmask, other=0.0)
             keep = (offs_t[None, :] >= offs_s[:, None]) & tmask[None, :] & smask[:, None]
             if HAS_SEQ:
-                seq_t = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_t, mask=tmask, other=-2)
-                keep &= seq_s[:, None] == seq_t[None, :]
+                if mixed:  # a chunk of one document needs no document test
+                    seq_t = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_t, mask=tmask, other=-2)
+                    keep &= seq_s[:, None] == seq_t[None, :]
             LT = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_S, BLOCK_T)
             cbT = _dot(Bs, CtT, F32)                                               # (C_t . B_s)^T
             MT = cbT * LT                                                          # M^T
@@ -732,7 +734,11 @@ def _bwd_dc(
     # exp2 per element. The same split is slower in _bwd_dx_db (three inlined loop copies) and
     # no faster in _chunk_scan_fwd (docs/measurements/README.md, third session).
     hi = tl.minimum(chunk_len, (pid_t + 1) * BLOCK_T)
-    lo_diag = 0 if HAS_SEQ else (pid_t * BLOCK_T) // BLOCK_S * BLOCK_S
+    lo_diag = (pid_t * BLOCK_T) // BLOCK_S * BLOCK_S
+    if HAS_SEQ:  # only a chunk holding one document keeps the unmasked blocks (ids non-decreasing)
+        seq_last = tl.load(seq_ptr + b * stride_seq_b + t0 + chunk_len - 1)
+        seq_first = tl.load(seq_ptr + b * stride_seq_b + t0)
+        lo_diag = tl.where(seq_first == seq_last, lo_diag, 0)
     for k in range(0, lo_diag, BLOCK_S):
         dC, dcs = _dc_tile(x_ptr, B_base, dy_ptr, dt_ptr, cs_ptr, seq_ptr, Ct, dC, dcs, k, b, t0, chunk_len,
                            h_first, nc, H, HEADS_PER_PROG, offs_t, offs_p, offs_n, offs_hh, tmask, pmask, nmask,

@@ -101,6 +101,10 @@ CPU_CASES = [
     ("chunk64_rowblocks", (1, 150, 2, 1, 16, 16), 64, dict()),  # several row blocks; last chunk 22 rows
     ("groups_packed", (1, 96, 4, 2, 16, 16), 32, dict(boundaries=(37, 70))),
     ("packed_edges", (1, 80, 2, 1, 16, 16), 32, dict(boundaries=(20, 64), z=False)),
+    # chunks of two row blocks: one holding a single document (the unmasked fast path, also at a
+    # boundary on the chunk's start), others mixed
+    ("packed_chunk64", (2, 150, 2, 1, 16, 16), 64, dict(boundaries=(40, 130))),
+    ("packed_chunk64_at_start", (1, 150, 2, 1, 16, 16), 64, dict(boundaries=(64,), z=False)),
     ("bare", (1, 50, 2, 1, 16, 16), 32, dict(D=None, z=False, dt_bias=False, init=False)),
     ("dt_limit", (1, 64, 2, 1, 16, 16), 32, dict(dt_limit=(0.1, 0.5))),
 ]
