@@ -2,8 +2,9 @@
 B8 L4096 in bf16, forward + backward: without seq_idx, with seq_idx of one document per row
 (the packed kernels' paths with nothing to cut) and with the documents of the standard-library
 prepared data (a boundary in about a quarter of the rows), per-kernel GPU time for each.
+`--compile`: the model through torch.compile (as `compile: true` trains it).
 
-    source scripts/gpu_env.sh; cd /tmp; python -P $ROOT/scripts/gpu_pack_profile.py
+    source scripts/gpu_env.sh; cd /tmp; python -P $ROOT/scripts/gpu_pack_profile.py [--compile]
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main():
     torch.manual_seed(0)
     arch = load_arch(f"{ROOT}/experiments/taipan-190m.yaml")
     model = HybridLM(arch).cuda()
+    forward = torch.compile(model) if "--compile" in sys.argv else model
     B, L = 8, 4096
     idx = torch.randint(0, arch.vocab_size, (B, L + 1), device="cuda")
     one_doc = torch.zeros(B, L, dtype=torch.int32, device="cuda")
@@ -37,7 +39,7 @@ def main():
     def step(seq_idx):
         def fn():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(idx[:, :-1], idx[:, 1:], return_logits=False, step=0, seq_idx=seq_idx)
+                out = forward(idx[:, :-1], idx[:, 1:], return_logits=False, step=0, seq_idx=seq_idx)
             out.loss.backward()
             model.zero_grad(set_to_none=True)
         return fn

@@ -72,6 +72,21 @@ def test_bench_model_runs_on_cpu(tmp_path):
     assert "decode ms/token" in r.stdout
 
 
+def test_bench_model_compile_times_training_eager_and_compiled(monkeypatch):
+    """--compile: a second training row through torch.compile (stubbed: the model as is)."""
+    from pathlib import Path
+
+    from hybridlab.benchmarks import model as bench
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    arch = Path(__file__).parent.parent / "experiments" / "taipan-tiny.yaml"
+    result = bench.bench_model(str(arch), batch=1, seq_len=16, contexts="32", steps=1, device="cpu",
+                               anchors=False, compile=True)
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert result["train"]["tokens_per_s"] > 0 and result["train_compiled"]["tokens_per_s"] > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_bench_kernels_needs_cuda_and_says_so():
     r = hl("bench", "kernels")
