@@ -135,9 +135,10 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu"):
     """x (b, l, d); weight (d, k) or nn.Conv1d's (d, 1, k); bias (d,); seq_idx (b, l).
     Returns (b, l, d) in x's dtype."""
-    if use_triton(x) and not through_op():
-        return _ct().causal_conv1d(x, weight, bias, seq_idx, activation)
-    if use_triton(x):  # nothing here that torch.compile cannot trace: the op is one node
+    if use_triton(x):
+        if not through_op():  # eager: the autograd.Function (less host time than the op)
+            return _ct().causal_conv1d(x, weight, bias, seq_idx, activation)
+        # under torch.compile: the op, one node; nothing below that compile cannot trace
         silu = _silu_flag(activation)
         if weight.dim() == 3:
             weight = weight.squeeze(1)

@@ -146,9 +146,10 @@ def linear_cross_entropy(h, weight, targets, chunk: int = 8192, ignore_index: in
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)
     with torch.autocast(h.device.type, enabled=False):
-        if use_triton(h) and not through_op():
-            return _cet().fused_linear_cross_entropy(h, weight.to(h.dtype), targets, chunk, ignore_index)
-        if use_triton(h):  # nothing here that torch.compile cannot trace: the op is one node
+        if use_triton(h):
+            if not through_op():  # eager: the autograd.Function (less host time than the op)
+                return _cet().fused_linear_cross_entropy(h, weight.to(h.dtype), targets, chunk, ignore_index)
+            # under torch.compile: the op, one node; nothing below that compile cannot trace
             weight = weight.to(h.dtype)
             grad = torch.is_grad_enabled()  # the gradients are made in the forward only if needed
             return _op(h, weight, targets, int(chunk), int(ignore_index), grad and h.requires_grad,

@@ -120,17 +120,19 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rms_norm(x, weight, eps=1e-5):
-    if use_triton(x) and not through_op():
-        return _nt().rms_norm(x, weight, eps)
-    if use_triton(x):  # nothing here that torch.compile cannot trace: the op is one node
+    if use_triton(x):
+        if not through_op():  # eager: the autograd.Function (less host time than the op)
+            return _nt().rms_norm(x, weight, eps)
+        # under torch.compile: the op, one node; nothing below that compile cannot trace
         return _op(x, None, weight, float(eps), None, False)[0]
     return rms_norm_ref(x, weight, eps)
 
 
 def gated_rms_norm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=False):
-    if use_triton(x) and not through_op():
-        return _nt().gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)
-    if use_triton(x):  # nothing here that torch.compile cannot trace: the op is one node
+    if use_triton(x):
+        if not through_op():  # eager: the autograd.Function (less host time than the op)
+            return _nt().gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)
+        # under torch.compile: the op, one node; nothing below that compile cannot trace
         group_size = None if group_size is None else int(group_size)
         return _op(x, z, weight, float(eps), group_size, bool(norm_before_gate))[0]
     return gated_rms_norm_ref(x, z, weight, eps, group_size, norm_before_gate)

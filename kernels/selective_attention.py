@@ -171,8 +171,9 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None,
                         seq_idx=None):
     if use_triton(q):
-        if not through_op():
+        if not through_op():  # eager: the autograd.Function (less host time than the op)
             return _sat().selective_attention(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
+        # under torch.compile: the op, one node; nothing below that compile cannot trace
         window = None if window is None else int(window)
         scale = None if scale is None else float(scale)
         return _op(q, k, v, q_mask, kv_mask, window, scale, seq_idx)[0]

@@ -305,10 +305,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt
                 dt_limit=None, initial_states=None, seq_idx=None, return_final_states=False):
     """Dispatching entry point: the Triton scan (through the op) on CUDA when available, the
     reference otherwise (eager CPU training keeps plain autograd through it)."""
-    if use_triton(x) and not through_op():
-        return _ssdt().ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
-                                   initial_states, seq_idx, return_final_states)
-    if use_triton(x):  # nothing here that torch.compile cannot trace: the op is one node
+    if use_triton(x):
+        if not through_op():  # eager: the autograd.Function (less host time than the op)
+            return _ssdt().ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+                                       initial_states, seq_idx, return_final_states)
+        # under torch.compile: the op, one node; nothing below that compile cannot trace
         # contiguous here, outside the op: its saved inputs are then the copies the kernels read,
         # and the backward does not copy them again
         x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()

@@ -41,7 +41,10 @@ PICKS = dict(fwd=(64, 64, 4, 3, 128), dq=(64, 64, 4, 3), dkdv=(16, 64, 4, 3, 128
 
 
 def load(path):
-    spec = importlib.util.spec_from_file_location("sat_checked", path)
+    """The file as a module of hybridlab.kernels (a copy elsewhere too), so its relative imports
+    (`from .launch import launch`) resolve."""
+    importlib.import_module("hybridlab.kernels")
+    spec = importlib.util.spec_from_file_location("hybridlab.kernels._sat_checked", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
