@@ -1,4 +1,7 @@
 """HybridLM: whole-model decoding, auxiliary losses, saving."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,6 +111,16 @@ def test_the_model_compiles_as_one_graph_and_matches_eager(monkeypatch, through_
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
+    if through_ops and not os.environ.get("HYBRIDLAB_TEST_FRESH_PROCESS"):
+        # In a fresh process: after tests/test_eval_bench.py's run of transformers' Llama (and
+        # others) in the same process, dynamo's fake-tensor call of the SSD op failed inside C++
+        # (std::bad_alloc, vector::reserve); alone, or first, it passes. Not understood yet.
+        node = f"{__file__}::test_the_model_compiles_as_one_graph_and_matches_eager[kernel custom ops]"
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+                           env={**os.environ, "HYBRIDLAB_TEST_FRESH_PROCESS": "1"},
+                           cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        return
     if through_ops:  # as on CUDA under torch.compile; the eager run below calls the ops too
         for name in KERNEL_MODULES:
             module = importlib.import_module(f"hybridlab.kernels.{name}")
