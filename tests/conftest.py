@@ -3,6 +3,10 @@ import os
 
 import torch
 
+from hybridlab._checkout import keep_checkout_last
+
+keep_checkout_last()  # the checkout's kernels/ must not shadow Hugging Face's `kernels` (transformers)
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
