@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import requested_backend, through_op, triton_impl, use_triton
+from .dispatch import through_op, triton_impl, triton_on_cpu, use_triton
 
 
 def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, activation="silu"):
@@ -59,9 +59,6 @@ def _ct():
     return triton_impl("conv1d_triton")
 
 
-def _triton_on_cpu() -> bool:
-    return requested_backend() == "triton"
-
 
 def _silu_flag(activation):
     if activation not in (None, "silu", "swish"):
@@ -72,7 +69,7 @@ def _silu_flag(activation):
 @torch.library.custom_op("hybridlab::causal_conv1d", mutates_args=())
 def _op(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor], silu: bool) -> Tensor:
     """y (b, l, d), contiguous, in x's dtype; weight (d, k). The backward keeps only the inputs."""
-    if _triton_on_cpu():
+    if triton_on_cpu():
         return _ct().forward(x, weight, bias, seq_idx, silu)
     return causal_conv1d_ref(x, weight, bias, seq_idx, "silu" if silu else None).contiguous()
 
@@ -91,7 +88,7 @@ def _op_fake(x, weight, bias, seq_idx, silu):
 def _op_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
                  silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias), each in its input's dtype; dbias is empty without a bias."""
-    if _triton_on_cpu():
+    if triton_on_cpu():
         dx, dw, db = _ct().backward(dy, x, weight, bias, seq_idx, silu)
     else:  # the reference's gradients (torch.func: plain autograd does not run inside an op)
         act = "silu" if silu else None

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import requested_backend, through_op, triton_impl, use_triton
+from .dispatch import through_op, triton_impl, triton_on_cpu, use_triton
 
 
 def linear_cross_entropy_ref(h, weight, targets, ignore_index=-100):
@@ -75,9 +75,6 @@ def _cet():
     return triton_impl("cross_entropy_triton")
 
 
-def _triton_on_cpu() -> bool:
-    return requested_backend() == "triton"
-
 
 def _fused(h, weight, targets, chunk, ignore_index, need_grad_h, need_grad_w):
     loss, grad_h, grad_w = _cet().forward(h.contiguous(), weight, targets.contiguous(), chunk, ignore_index,
@@ -92,7 +89,7 @@ def _op(h: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: in
         need_grad_w: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, grad_h, grad_w): the mean CE (fp32 scalar) and its gradients for h (h's dtype)
     and weight (fp32), each empty when not asked for. weight in h's dtype."""
-    if _triton_on_cpu():
+    if triton_on_cpu():
         return _fused(h, weight, targets, chunk, ignore_index, need_grad_h, need_grad_w)
     # The reference, its gradients written out (no torch.func here: opcheck's schema check cannot
     # see through its wrappers): d loss / d logits = (softmax - onehot) * valid / n_valid.

@@ -37,12 +37,19 @@ def triton_available() -> bool:
     return _TRITON
 
 
+def triton_on_cpu() -> bool:
+    """Whether a custom op's CPU implementation runs the Triton kernels (under the interpreter,
+    HYBRIDLAB_KERNELS=triton) instead of the reference."""
+    return requested_backend() == "triton"
+
+
 def through_op() -> bool:
     """Whether a Triton kernel call goes through its torch.library custom op (under
     torch.compile, where the op is what traces as one node) or its autograd.Function (eager).
     A custom op's Python dispatch costs host time on every call: an isolated SAL fwd+bwd at
-    B4 L4096 went from 0.84 to 1.18 ms on the H200 through the op (docs/measurements/,
-    ninth session); an eager loop pays that in full, so eager calls skip it."""
+    B4 L4096 took 1.18 ms on the H200 through the op and 0.86 ms through the Function (two
+    calls of the ninth session, docs/measurements/); an eager loop pays that in full, so
+    eager calls skip it."""
     return torch.compiler.is_compiling()
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import requested_backend, through_op, triton_impl, use_triton
+from .dispatch import through_op, triton_impl, triton_on_cpu, use_triton
 
 
 def rms_norm_ref(x, weight, eps=1e-5):
@@ -47,15 +47,12 @@ def _nt():
     return triton_impl("norm_triton")
 
 
-def _triton_on_cpu() -> bool:
-    return requested_backend() == "triton"
-
 
 @torch.library.custom_op("hybridlab::gated_rms_norm", mutates_args=())
 def _op(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, group_size: Optional[int],
         norm_before_gate: bool) -> tuple[Tensor, Tensor]:
     """(y, rstd): y contiguous in x's dtype; rstd (..., d // group_size) fp32 for the backward."""
-    if _triton_on_cpu():
+    if triton_on_cpu():
         return _nt().forward(x, z, weight, eps, group_size, norm_before_gate)
     y = gated_rms_norm_ref(x, z, weight, eps, group_size, norm_before_gate).contiguous()
     return y, _rstd_like(x, group_size).zero_()
@@ -81,7 +78,7 @@ def _op_backward(dy: Tensor, x: Tensor, z: Optional[Tensor], weight: Tensor, rst
                  group_size: Optional[int], norm_before_gate: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dz, dweight), each in its input's dtype; dz is empty without z. eps is for the
     reference (the kernels read rstd)."""
-    if _triton_on_cpu():
+    if triton_on_cpu():
         dx, dz, dw = _nt().backward(dy, x, z, weight, rstd, group_size, norm_before_gate)
         return dx, dz if dz is not None else x.new_empty(0), dw
     # the reference's gradients (torch.func: plain autograd does not run inside an op)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import requested_backend, through_op, triton_impl, use_triton
+from .dispatch import through_op, triton_impl, triton_on_cpu, use_triton
 
 
 def _visibility(L, window, q_mask, kv_mask, device, seq_idx=None):
@@ -91,9 +91,6 @@ def _sat():
     return triton_impl("selective_attention_triton")
 
 
-def _triton_on_cpu() -> bool:
-    return requested_backend() == "triton"
-
 
 @torch.library.custom_op("hybridlab::selective_attention", mutates_args=())
 def _op(q: Tensor, k: Tensor, v: Tensor, q_mask: Optional[Tensor], kv_mask: Optional[Tensor],
@@ -101,7 +98,7 @@ def _op(q: Tensor, k: Tensor, v: Tensor, q_mask: Optional[Tensor], kv_mask: Opti
         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(o, lse, sel_pos, rank): the output and what the backward keeps (see
     selective_attention_triton.forward)."""
-    if _triton_on_cpu():
+    if triton_on_cpu():
         return _sat().forward(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
     o = selective_attention_ref(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
     lse, sel_pos, rank = (torch.zeros_like(t) for t in _saved_like(q, q_mask))
@@ -131,7 +128,7 @@ def _op_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
                  rank: Tensor, q_mask: Optional[Tensor], kv_mask: Optional[Tensor], window: Optional[int],
                  scale: Optional[float], seq_idx: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv); k's and v's in q's dtype."""
-    if _triton_on_cpu():
+    if triton_on_cpu():
         return _sat().backward(do, q, k, v, o, lse, sel_pos, rank, q_mask, kv_mask, window, scale, seq_idx)
     # the reference's gradients; an op's implementation runs below autograd, torch.func does not
     ref = lambda q, k, v: selective_attention_ref(q, k, v, q_mask, kv_mask, window, scale, seq_idx)  # noqa: E731

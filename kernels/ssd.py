@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import requested_backend, through_op, triton_impl, use_triton
+from .dispatch import through_op, triton_impl, triton_on_cpu, use_triton
 
 
 def _prepare_dt(dt, dt_bias, dt_softplus, dt_limit):
@@ -184,9 +184,6 @@ def _ssdt():
     return triton_impl("ssd_triton")
 
 
-def _triton_on_cpu() -> bool:
-    return requested_backend() == "triton"
-
 
 def _limit(dt_limit):
     """The op's list back to the reference's tuple (which it compares with (0, inf))."""
@@ -212,7 +209,7 @@ def _op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, final_states, dt_p, cs, prev, ypre): the outputs and what the backward keeps
     (ssd_triton.forward; ypre a placeholder without z)."""
-    if _triton_on_cpu():
+    if triton_on_cpu():
         return _op_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
                           seq_idx)
     y, final = ssd_chunked_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, _limit(dt_limit),
@@ -247,7 +244,7 @@ def _op_backward(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A:
                                                            Tensor, Tensor, Tensor]:
     """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states), each in its input's dtype and
     shape; a placeholder for an input that is None. dfinal None: no gradient of final_states."""
-    if _triton_on_cpu():
+    if triton_on_cpu():
         return _op_backward_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_p,
                                    cs, prev, ypre, chunk_size, dt_softplus, dt_limit)
     # the reference's gradients; an op's implementation runs below autograd, torch.func does not

@@ -30,3 +30,9 @@ def open_sal_gate(block, scale=3.0):
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def grad_leaves(args):
+    """args with each floating-point tensor a fresh leaf that requires grad (others as given)."""
+    return [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args]

@@ -10,12 +10,9 @@ import importlib
 import pytest
 import torch
 
+from tests.helpers import grad_leaves
+
 sa = importlib.import_module("hybridlab.kernels.selective_attention")
-
-
-def _grad_args(args):
-    return [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in args]
 
 
 def _sal_cases(dtype=torch.float64):
@@ -35,7 +32,7 @@ def _sal_cases(dtype=torch.float64):
 
 @pytest.mark.parametrize("case", list(_sal_cases()))
 def test_selective_attention_op_passes_opcheck(case):
-    args = _grad_args(_sal_cases()[case])
+    args = grad_leaves(_sal_cases()[case])
     torch.library.opcheck(sa._op, args)
     # its autograd (the written-out reference backward) equals autograd through the reference
     o = sa._op(*args)[0]
@@ -51,7 +48,7 @@ def test_selective_attention_op_runs_the_triton_kernels_when_asked(monkeypatch, 
     pytest.importorskip("triton")
     monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
     monkeypatch.setattr(sa, "through_op", lambda: True)  # as under torch.compile (eager: the Function)
-    args = _grad_args(_sal_cases(torch.float32)[case])
+    args = grad_leaves(_sal_cases(torch.float32)[case])
     o = sa.selective_attention(*args)  # the public function -> the op -> the Triton kernels
     do = torch.randn_like(o)
     got = torch.autograd.grad(o, args[:3], do)
@@ -63,7 +60,7 @@ def test_selective_attention_op_runs_the_triton_kernels_when_asked(monkeypatch, 
 
 
 def test_selective_attention_op_compiles_as_one_graph():
-    args = _grad_args(_sal_cases(torch.float32)["selected, kv mask, window, documents"])
+    args = grad_leaves(_sal_cases(torch.float32)["selected, kv mask, window, documents"])
     fn = lambda *a: sa._op(*a)[0]  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     o = compiled(*args)
@@ -80,7 +77,7 @@ def test_selective_attention_op_compiles_with_inductor_on_cuda():
     each way) and gives eager's output and gradients."""
     args = [a.cuda() if isinstance(a, torch.Tensor) else a
             for a in _sal_cases(torch.bfloat16)["selected, kv mask, window, documents"]]
-    args = _grad_args(args)
+    args = grad_leaves(args)
 
     def fn(q, k, v, *rest):
         return (sa.selective_attention(q * 2, k, v, *rest) + 1).float().square().mean()

@@ -10,14 +10,11 @@ import importlib
 import pytest
 import torch
 
+from tests.helpers import grad_leaves
+
 conv = importlib.import_module("hybridlab.kernels.conv1d")
 norm = importlib.import_module("hybridlab.kernels.norm")
 ce = importlib.import_module("hybridlab.kernels.cross_entropy")
-
-
-def _grad_args(args):
-    return [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in args]
 
 
 def _diff(args):
@@ -121,7 +118,7 @@ def _first(out):
 @pytest.mark.parametrize("name,case", CASES)
 def test_op_passes_opcheck(name, case):
     op, cases, ref, _, _ = OPS[name]
-    args = _grad_args(cases()[case])
+    args = grad_leaves(cases()[case])
     torch.library.opcheck(op, args)
     # its autograd (the reference's gradients through the backward) equals autograd through it
     out = _first(op(*args))
@@ -134,7 +131,7 @@ def test_op_runs_the_triton_kernels_when_asked(name, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
     _, cases, ref, public, tol = OPS[name]
-    args = _grad_args(next(iter(cases(torch.float32).values())))
+    args = grad_leaves(next(iter(cases(torch.float32).values())))
     monkeypatch.setattr(MODULES[name], "through_op", lambda: True)  # as under torch.compile
     kernels = importlib.import_module(f"hybridlab.kernels.{TRITON[name]}")
     calls = []
@@ -175,7 +172,7 @@ def test_public_function_goes_through_the_op(name, monkeypatch):
 @pytest.mark.parametrize("name", list(OPS))
 def test_op_compiles_as_one_graph(name):
     op, cases, _, _, _ = OPS[name]
-    args = _grad_args(next(iter(cases(torch.float32).values())))
+    args = grad_leaves(next(iter(cases(torch.float32).values())))
     fn = lambda *a: _first(op(*a))  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     out = compiled(*args)
@@ -224,7 +221,7 @@ def test_public_functions_compile_to_one_node_per_kernel(monkeypatch):
     g = torch.Generator().manual_seed(3)
     b, l, d, V = 2, 9, 8, 23
     x, z = (torch.randn(b, l, d, generator=g) for _ in range(2))
-    args = _grad_args([x, z, 0.5 * torch.randn(d, 4, generator=g), torch.ones(d),
+    args = grad_leaves([x, z, 0.5 * torch.randn(d, 4, generator=g), torch.ones(d),
                        torch.randn(V, d, generator=g) / 3])
     targets = torch.randint(0, V, (b * l,), generator=g)
 
