@@ -320,7 +320,7 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
     model = model.to(device)
     micro = choose_micro_batch(cfg, share, model, dataset, device, amp, dist)
     wrapped = distributed.wrap(model, dist, cfg.parallel, amp)  # FSDP2 shards `model` in place
-    if cfg.compile:  # one graph per micro-batch shape; the kernels are traced through, not broken on
+    if cfg.compiles(device):  # one graph per micro-batch shape; the kernels trace as custom ops
         wrapped = torch.compile(wrapped)
     sharded = cfg.parallel == "fsdp"
     opt = torch.optim.AdamW(finetune.param_groups(model, arch, cfg.weight_decay, cfg.lr, cfg.lr_multipliers),

@@ -23,8 +23,10 @@ class TrainConfig(Config):
                                                   "CUDA the largest power of two of it that fits)", ge=1, nullable=True)
     pack_documents: bool = field(True, "with prepared data (documents packed into sequences): no attention or "
                                        "state crosses a document boundary; false: they flow across")
-    compile: bool = field(False, "torch.compile the model for training (first steps pay the compilation; "
-                                 "not in the paper)")
+    compile: Optional[bool] = field(None, "torch.compile the model for training (the first steps pay the "
+                                          "compilation; not in the paper). null: on CUDA, where it measured "
+                                          "faster (docs/measurements/, tenth session), off elsewhere",
+                                    nullable=True)
     parallel: str = field("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: "
                                  "weights, gradients and optimizer sharded)", choices=("ddp", "fsdp"))
     steps: Optional[int] = field(1000, "optimizer steps (null: derive from tokens)", ge=1, nullable=True)
@@ -77,6 +79,10 @@ class TrainConfig(Config):
         if self.tokens_per_step is not None:
             return self.tokens_per_step // self.seq_len
         return self.batch_size
+
+    def compiles(self, device) -> bool:
+        """Whether training runs the model through torch.compile on `device`."""
+        return self.compile if self.compile is not None else device.type == "cuda"
 
     def total_steps(self) -> int:
         if self.tokens is not None:

@@ -174,3 +174,21 @@ def test_training_compile_option_compiles_the_model(tmp_path, monkeypatch):
     run = train_mod.prepare(str(arch), overrides={"compile": True})
     train_mod.train(run, quiet=True)
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+
+
+def test_training_compiles_by_default_on_cuda_only(tmp_path, monkeypatch):
+    """compile: null (the default) compiles where it measured faster, CUDA; a CPU run stays
+    eager (no C++ toolchain needed, no compile time on small CPU runs); true/false force it."""
+    from hybridlab import train as train_mod
+    from hybridlab.train_config import TrainConfig
+    from tests.runs_helpers import write_arch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert TrainConfig().compile is None
+    assert TrainConfig().compiles(cuda) and not TrainConfig().compiles(cpu)
+    assert TrainConfig(compile=True).compiles(cpu) and not TrainConfig(compile=False).compiles(cuda)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    arch = write_arch(tmp_path, tmp_path / "runs", steps=1, eval_every=0, checkpoint_every=0)
+    train_mod.train(train_mod.prepare(str(arch)), quiet=True)
+    assert compiled == []
