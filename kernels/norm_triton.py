@@ -175,20 +175,20 @@ def _groups(d, group_size):
     return group_size, d // group_size
 
 
-def forward(x, z, weight, eps, group_size=None, norm_before_gate=False):
-    """The forward kernel. Returns y (x's shape and dtype, contiguous) and what `backward` needs
-    besides the inputs: rstd (..., n_groups) fp32, one per row and group."""
+def forward(x, z, weight, eps, group_size=None, norm_before_gate=False, out_dtype=None):
+    """The forward kernel. Returns y (x's shape, contiguous, in out_dtype or else x's dtype) and
+    what `backward` needs besides the inputs: rstd (..., n_groups) fp32, one per row and group."""
     shape = x.shape
     d = shape[-1]
     group_size, n_groups = _groups(d, group_size)
     x2 = _rows(x, d)
     z2 = _rows(z, d) if z is not None else None
     m = x2.shape[0]
-    y = torch.empty((m, d), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, d), device=x.device, dtype=out_dtype or x.dtype)
     rstd = torch.empty((m, n_groups), device=x.device, dtype=torch.float32)
     nbg = bool(norm_before_gate)
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), n_groups)  # noqa: E731
-    launch(_norm_fwd_kernel, grid, (group_size, d, z2 is not None, nbg, x.dtype),
+    launch(_norm_fwd_kernel, grid, (group_size, d, z2 is not None, nbg, x.dtype, y.dtype),
         x2, z2 if z2 is not None else x2, weight, y, rstd,
         m, d, group_size, n_groups, x2.stride(0), z2.stride(0) if z2 is not None else 0, y.stride(0), eps,
         HAS_Z=z2 is not None, NORM_BEFORE_GATE=nbg, BLOCK_G=triton.next_power_of_2(group_size),
@@ -225,8 +225,8 @@ class GatedRMSNormFn(torch.autograd.Function):
     custom op `hybridlab::gated_rms_norm` (norm.py) instead."""
 
     @staticmethod
-    def forward(ctx, x, z, weight, eps, group_size, norm_before_gate):
-        y, rstd = forward(x, z, weight, eps, group_size, norm_before_gate)
+    def forward(ctx, x, z, weight, eps, group_size, norm_before_gate, out_dtype=None):
+        y, rstd = forward(x, z, weight, eps, group_size, norm_before_gate, out_dtype)
         ctx.save_for_backward(x, z, weight, rstd)
         ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
         return y
@@ -235,7 +235,7 @@ class GatedRMSNormFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, z, weight, rstd = ctx.saved_tensors
         dx, dz, dw = backward(dy, x, z, weight, rstd, ctx.group_size, ctx.norm_before_gate)
-        return dx, dz, dw, None, None, None
+        return dx, dz, dw, None, None, None, None
 
 
 def gated_rms_norm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=False):
@@ -244,6 +244,6 @@ def gated_rms_norm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=Fal
     return GatedRMSNormFn.apply(x, z, weight, eps, group_size, norm_before_gate)
 
 
-def rms_norm(x, weight, eps=1e-5):
+def rms_norm(x, weight, eps=1e-5, out_dtype=None):
     """x (..., d); weight (d,). Same function as `rms_norm_ref`."""
-    return GatedRMSNormFn.apply(x, None, weight, eps, None, False)
+    return GatedRMSNormFn.apply(x, None, weight, eps, None, False, out_dtype)

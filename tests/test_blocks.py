@@ -140,3 +140,24 @@ def test_prefill_after_decoding_steps_continues_the_same_sequence(name, override
         parts += [block.step(x[:, t], cache)[:, None] for t in range(7, 10)]
         parts.append(block.prefill(x[:, 10:], cache))
     torch.testing.assert_close(torch.cat(parts, dim=1), y, atol=2e-5, rtol=1e-4)
+
+
+def test_rms_norm_writes_its_output_in_the_autocast_dtype():
+    """Under autocast a pre-norm's output is in the matmuls' dtype (they would cast it anyway);
+    its value is the fp32 norm rounded once, and the gradient reaching an fp32 residual stays
+    fp32. Outside autocast nothing changes."""
+    from hybridlab.blocks.common import RMSNorm
+    from hybridlab.kernels import rms_norm_ref
+
+    torch.manual_seed(0)
+    norm = RMSNorm(24)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    assert norm(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, rms_norm_ref(x, norm.weight).to(torch.bfloat16), atol=0, rtol=0)
+    (gx,) = torch.autograd.grad(y.float().square().sum(), x)
+    assert gx.dtype == torch.float32 and gx.abs().sum() > 0

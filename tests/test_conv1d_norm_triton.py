@@ -250,6 +250,24 @@ def test_rms_norm_matches_reference(dtype):
     _norm_case((7, 20), dtype, None, False, gated=False, w_dtype=dtype)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_out_dtype_narrower_than_its_input(out_dtype):
+    """An fp32 residual's norm under autocast: fp32 x, output (and so its gradient) narrower;
+    dx and dweight stay fp32 and match the fp32 reference at the output's rounding."""
+    x = leaf(torch.randn(2, 19, 24, device=DEV))
+    w = leaf(1 + 0.1 * torch.randn(24, device=DEV))
+    y = nt.rms_norm(x, w, 1e-5, out_dtype)
+    assert y.dtype == out_dtype
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, w], dy)
+    ref_ins = [leaf(t.detach().clone()) for t in (x, w)]
+    yr = rms_norm_ref(*ref_ins, eps=1e-5)
+    want = torch.autograd.grad(yr, ref_ins, dy.float())
+    assert rel(y, yr) < TOL[out_dtype]
+    assert all(g.dtype == torch.float32 for g in got)
+    assert rel(got[0], want[0]) < 1e-5 and rel(got[1], want[1]) < 1e-5
+
+
 # ----------------------------------------------------------------------------- GPU, real shapes
 
 

@@ -64,18 +64,20 @@ def _norm_cases(dtype=torch.float64):
     z = torch.randn(*shape, generator=g, dtype=dtype)
     w = 1 + 0.1 * torch.randn(d, generator=g, dtype=dtype)
     return {
-        "gated after the norm, groups": (x, z, w, 1e-5, 4, False),
-        "plain rms norm": (x, None, w, 1e-5, None, False),
+        "gated after the norm, groups": (x, z, w, 1e-5, 4, False, None),
+        "plain rms norm": (x, None, w, 1e-5, None, False, None),
+        # as an fp32 residual stream's norm under bf16 autocast: the output narrower than x
+        "rms norm out in a narrower dtype": (x, None, w, 1e-5, None, False, torch.float32),
     }
 
 
-def _norm_ref(x, z, w, eps, group_size, nbg):
-    return norm.gated_rms_norm_ref(x, z, w, eps, group_size, nbg)
+def _norm_ref(x, z, w, eps, group_size, nbg, out_dtype):
+    return norm.gated_rms_norm_ref(x, z, w, eps, group_size, nbg, out_dtype)
 
 
-def _norm_public(x, z, w, eps, group_size, nbg):
+def _norm_public(x, z, w, eps, group_size, nbg, out_dtype):
     if z is None and group_size is None:
-        return norm.rms_norm(x, w, eps)
+        return norm.rms_norm(x, w, eps, out_dtype)
     return norm.gated_rms_norm(x, z, w, eps, group_size, nbg)
 
 
