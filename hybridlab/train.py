@@ -6,6 +6,7 @@ import hashlib
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -440,10 +441,18 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
     blocks_summary = training_summary({})  # the blocks' summarised metrics at the last logged step
     tok_s = 0.0
     wrapped.train()
+    # The next step's batch is drawn on a thread while this one trains: the step ends in a
+    # host synchronisation (its loss), so a draw in the loop would leave the GPU idle for its
+    # whole length. A draw is a function of (step, seed) alone, so this changes no number.
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridlab-data")
+    upcoming = loader.submit(draw, step, batch, cfg.seed) if step < end else None
     try:
         stop.install()
         while step < end:
-            micros = distributed.local_micro_batches(draw(step, batch, cfg.seed), dist, micro)
+            drawn = upcoming.result()
+            if step + 1 < end:
+                upcoming = loader.submit(draw, step + 1, batch, cfg.seed)
+            micros = distributed.local_micro_batches(drawn, dist, micro)
             valid = sum(int((mb[1] != -100).sum()) for mb in micros)
             counts = dist.sum([valid, float(stop.requested)])  # the step's target tokens; anyone stopping?
             if counts[1] > 0:
@@ -497,6 +506,7 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
         raise
     finally:
         stop.uninstall()
+        loader.shutdown(wait=True, cancel_futures=True)
     if bar:
         bar.close()
     if step >= total:

@@ -353,6 +353,21 @@ def test_packed_batches_number_the_documents(dataset, prepared):
         check_seq_idx(x, seq_idx, eos)
 
 
+def test_seq_idx_at_every_start_across_shards(dataset, prepared):
+    """The document numbering from the documents starting in each row (not a per-token search)
+    at every start of the training split: rows inside one document, across several, and across
+    shard ends (shards of 600 tokens)."""
+    eos = read_manifest(prepared[0])["eos_id"]
+    starts = list(range(0, dataset.n_train - L))
+    x, _ = dataset._batch(starts)
+    seq_idx = dataset._seq_idx(starts)
+    check_seq_idx(x, seq_idx, eos)
+    assert (seq_idx[:, -1] == 0).any() and seq_idx.max() >= 2
+    docs = np.arange(1, int(read_manifest(prepared[0])["documents"]))
+    before = dataset.document_starts(docs) - 1  # the last token of the document before each
+    assert all(int(dataset.stream.slice(p, p + 1)[0]) == eos for p in before)
+
+
 def test_dataset_errors_name_the_folder(prepared, tmp_path):
     with pytest.raises(UserError, match="holds no manifest.json"):
         make_dataset({"prepared": str(tmp_path)}, L)

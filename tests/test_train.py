@@ -123,3 +123,37 @@ def test_cli_train_bad_inputs_exit_cleanly(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hybridlab", "train", str(arch)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unknown task 'nonsense'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_next_batch_is_drawn_on_the_loader_thread_while_a_step_trains(tmp_path, monkeypatch):
+    """Each step's batch is drawn once, in order, on the data thread, and step s + 1's draw
+    runs while step s trains (drawn in the loop, the GPU would idle through every draw): step s
+    waits for that draw to have started, which a draw after the step could never do."""
+    import threading
+
+    from hybridlab import train as train_mod
+    from hybridlab.data.text import TextDataset
+    from tests.runs_helpers import write_arch
+
+    steps = 5
+    started = [threading.Event() for _ in range(steps)]
+    draws = []
+    real_draw, real_accumulate = TextDataset.train_batch, train_mod.accumulate
+
+    def draw(self, step, batch_size, seed):
+        draws.append((step, threading.current_thread().name))
+        started[step].set()
+        return real_draw(self, step, batch_size, seed)
+
+    def accumulate(wrapped, micros, dist, step, *a):
+        if step + 1 < steps:
+            assert started[step + 1].wait(timeout=30), f"step {step + 1} was not being drawn during step {step}"
+        return real_accumulate(wrapped, micros, dist, step, *a)
+
+    monkeypatch.setattr(TextDataset, "train_batch", draw)
+    monkeypatch.setattr(train_mod, "accumulate", accumulate)
+    arch = write_arch(tmp_path, tmp_path / "runs", steps=steps, eval_every=0, checkpoint_every=0)
+    train_mod.train(train_mod.prepare(str(arch)), quiet=True)
+    assert [step for step, _ in draws] == list(range(steps))
+    assert all(name.startswith("hybridlab-data") for _, name in draws)
+    assert not any(t.name.startswith("hybridlab-data") for t in threading.enumerate())

@@ -109,8 +109,17 @@ class PreparedDataset(TextDataset):
 
     def document_start(self, d: int) -> int:
         """Stream offset of document `d`'s first token."""
-        k = int(np.searchsorted(self.doc_counts, d, side="right")) - 1
-        return int(self.shard_starts[k] + self._index(k)[d - self.doc_counts[k]])
+        return int(self.document_starts(np.array([d]))[0])
+
+    def document_starts(self, docs: np.ndarray) -> np.ndarray:
+        """Stream offsets of the documents `docs` (ordinals over the whole stream)."""
+        docs = np.asarray(docs, dtype=np.int64)
+        shard = np.searchsorted(self.doc_counts, docs, side="right") - 1
+        out = np.empty_like(docs)
+        for k in np.unique(shard):
+            here = shard == k
+            out[here] = self.shard_starts[k] + self._index(k)[docs[here] - self.doc_counts[k]]
+        return out
 
     def _split(self, val_fraction: float) -> int:
         """The document start nearest to holding out `val_fraction` of the tokens (never 0 or all)."""
@@ -125,10 +134,20 @@ class PreparedDataset(TextDataset):
         return min(candidates, key=lambda s: abs(s - target))
 
     def _seq_idx(self, starts: list[int]) -> torch.Tensor:
-        """(B, L) int32: each input token's document, counted from the row's first (0)."""
-        positions = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(self.seq_len)  # (B, L)
-        doc = self.documents_at(positions)
-        return torch.from_numpy((doc - doc[:, :1]).astype(np.int32))
+        """(B, L) int32: each input token's document, counted from the row's first (0).
+        From the documents that start inside each row, not a lookup per token: on the data
+        loader's critical path (the step waits for it), a per-token search of a 0.5M-token
+        step cost 44 ms on the CI machine."""
+        starts = np.asarray(starts, dtype=np.int64)
+        first = self.documents_at(starts)
+        n_new = self.documents_at(starts + self.seq_len - 1) - first  # documents starting in each row
+        rows = np.repeat(np.arange(len(starts)), n_new)
+        # the k-th new document of row r is first[r] + 1 + k
+        k = np.arange(n_new.sum()) - np.repeat(np.cumsum(n_new) - n_new, n_new)
+        cols = self.document_starts(first[rows] + 1 + k) - starts[rows]
+        marks = np.zeros((len(starts), self.seq_len), dtype=np.int32)
+        marks[rows, cols] = 1
+        return torch.from_numpy(np.cumsum(marks, axis=1, dtype=np.int32))
 
     # ---- batches: TextDataset's, with the starts shared by the packed variants ----
 
