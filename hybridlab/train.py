@@ -6,6 +6,7 @@ import hashlib
 import math
 import random
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -322,6 +323,8 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
     micro = choose_micro_batch(cfg, share, model, dataset, device, amp, dist)
     wrapped = distributed.wrap(model, dist, cfg.parallel, amp)  # FSDP2 shards `model` in place
     if cfg.compiles(device):  # one graph per micro-batch shape; the kernels trace as custom ops
+        # Inductor's note to its own developers on a softmax it splits: not the user's to act on
+        warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly")
         wrapped = torch.compile(wrapped)
     sharded = cfg.parallel == "fsdp"
     opt = torch.optim.AdamW(finetune.param_groups(model, arch, cfg.weight_decay, cfg.lr, cfg.lr_multipliers),
