@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlab.kernels import rms_norm
+from hybridlab.kernels.dispatch import autocast_dtype
 
 from .base import round_up
 
@@ -24,9 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        return rms_norm(x, self.weight, self.eps, out_dtype)
+        return rms_norm(x, self.weight, self.eps, autocast_dtype(x))
 
 
 def swiglu_width(d_model: int, mult: float, multiple_of: int) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import through_op, triton_impl, triton_on_cpu, use_triton
+from .dispatch import autocast_dtype, through_op, triton_impl, triton_on_cpu, use_triton
 
 
 def linear_cross_entropy_ref(h, weight, targets, ignore_index=-100):
@@ -139,8 +139,8 @@ def linear_cross_entropy(h, weight, targets, chunk: int = 8192, ignore_index: in
 
     Under autocast, the chunk matmuls run in the autocast dtype like a plain F.linear would.
     """
-    if torch.is_autocast_enabled(h.device.type):
-        dtype = torch.get_autocast_dtype(h.device.type)
+    dtype = autocast_dtype(h)
+    if dtype is not None:
         h, weight = h.to(dtype), weight.to(dtype)
     with torch.autocast(h.device.type, enabled=False):
         if use_triton(h):

@@ -53,6 +53,12 @@ def through_op() -> bool:
     return torch.compiler.is_compiling()
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives matmuls on x's device, or None when autocast is off there."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton path should run for these inputs."""
     forced = requested_backend()

@@ -18,11 +18,5 @@ for variant in "pack-true true false" "pack-false false false" "pack-true-compil
     --set batch_size=8 --set steps=8 --set warmup_steps=2 --set eval_every=0 --set eval_batches=2 \
     --set checkpoint_every=0 --set log_every=1 --set pack_documents=$2 --set compile=$3 2>&1 | grep -v "^\s*$" | tail -3
   cp /tmp/runs/$1/metrics.jsonl "$OUT/metrics_$1.jsonl"
-  python - "$OUT/metrics_$1.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if "train/tokens_per_s" in l]
-last = [r["train/tokens_per_s"] for r in rows[-4:]]
-print(f"{sys.argv[1]}: steps {len(rows)}, tokens/s over the last 4 steps {sum(last) / len(last) / 1e3:.1f}K, "
-      f"losses {[round(r['train/loss'], 3) for r in rows]}")
-PY
+  python "$ROOT/scripts/tokens_per_s.py" "$OUT/metrics_$1.jsonl"
 done

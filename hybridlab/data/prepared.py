@@ -96,16 +96,22 @@ class PreparedDataset(TextDataset):
             del self._open[next(iter(self._open))]
         return starts
 
-    def documents_at(self, positions: np.ndarray) -> np.ndarray:
-        """Ordinal (over the whole stream) of the document holding each token position."""
-        positions = np.asarray(positions, dtype=np.int64)
-        shard = np.searchsorted(self.shard_starts, positions, side="right") - 1
-        out = np.empty_like(positions)
+    def _by_shard(self, values, shard_bounds: np.ndarray, lookup) -> np.ndarray:
+        """lookup(k, values of shard k) for each shard the values fall in, shard k holding the
+        values in [shard_bounds[k], shard_bounds[k + 1]) (token positions or document ordinals)."""
+        values = np.asarray(values, dtype=np.int64)
+        shard = np.searchsorted(shard_bounds, values, side="right") - 1
+        out = np.empty_like(values)
         for k in np.unique(shard):
             here = shard == k
-            local = positions[here] - self.shard_starts[k]
-            out[here] = self.doc_counts[k] + np.searchsorted(self._index(k), local, side="right") - 1
+            out[here] = lookup(k, values[here])
         return out
+
+    def documents_at(self, positions: np.ndarray) -> np.ndarray:
+        """Ordinal (over the whole stream) of the document holding each token position."""
+        def in_shard(k, p):
+            return self.doc_counts[k] + np.searchsorted(self._index(k), p - self.shard_starts[k], side="right") - 1
+        return self._by_shard(positions, self.shard_starts, in_shard)
 
     def document_start(self, d: int) -> int:
         """Stream offset of document `d`'s first token."""
@@ -113,13 +119,9 @@ class PreparedDataset(TextDataset):
 
     def document_starts(self, docs: np.ndarray) -> np.ndarray:
         """Stream offsets of the documents `docs` (ordinals over the whole stream)."""
-        docs = np.asarray(docs, dtype=np.int64)
-        shard = np.searchsorted(self.doc_counts, docs, side="right") - 1
-        out = np.empty_like(docs)
-        for k in np.unique(shard):
-            here = shard == k
-            out[here] = self.shard_starts[k] + self._index(k)[docs[here] - self.doc_counts[k]]
-        return out
+        def in_shard(k, d):
+            return self.shard_starts[k] + self._index(k)[d - self.doc_counts[k]]
+        return self._by_shard(docs, self.doc_counts, in_shard)
 
     def _split(self, val_fraction: float) -> int:
         """The document start nearest to holding out `val_fraction` of the tokens (never 0 or all)."""
