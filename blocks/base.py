@@ -89,9 +89,13 @@ class Block(nn.Module):
     placement: Placement | None       what placing this block type means in a sweep (the keys
                                       BLOCK.period|offset|positions): which block type its layers
                                       go after; None: a sweep cannot place it
+    uses_step: bool                   whether forward reads aux.step (a step-scheduled setting);
+                                      when no block does, the model passes no step, so a compiled
+                                      model is not specialised on (and recompiled for) its value
     """
 
     hparam_metrics: tuple[str, ...] = ()
+    uses_step: bool = False
     summary_metrics: dict[str, str] = {}
     placement: Placement | None = None
 

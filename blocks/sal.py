@@ -430,3 +430,7 @@ class SALBlock(Block):
     # Taipan puts a SAL after Mamba-2 blocks (Sec. 3: one after every six); a sweep's sal.period,
     # sal.offset and sal.positions choose which of the base's Mamba-2 blocks get one.
     placement = Placement(after="mamba2", label="SAL", after_label="Mamba-2")
+
+    @property
+    def uses_step(self) -> bool:  # the budget target's schedule (capacity_start)
+        return self.cfg.capacity_start is not None

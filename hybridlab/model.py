@@ -42,6 +42,7 @@ class HybridLM(nn.Module):
             blocks.append(block)
         self.layers = nn.ModuleList(blocks)
         self.scopes = [f"layers.{i}.{layer.block}" for i, layer in enumerate(arch.layers)]
+        self.uses_step = any(block.uses_step for block in blocks)
         self.norm_f = RMSNorm(d, arch.norm_eps)
         self.head = None
         if not arch.tie_embeddings:
@@ -69,7 +70,8 @@ class HybridLM(nn.Module):
         With targets and return_logits=False (training), the head and the loss run chunk by
         chunk and the (B, L, vocab) logits are never materialised (kernels/cross_entropy.py).
         """
-        aux = Aux(step=step, seq_idx=seq_idx)
+        # the step only where a block schedules by it: torch.compile guards on the int it reads
+        aux = Aux(step=step if self.uses_step else None, seq_idx=seq_idx)
         h = self.embed(idx)  # (B, L, d)
         for scope, block in zip(self.scopes, self.layers):
             aux.scope = scope

@@ -25,7 +25,8 @@ def requested_backend() -> str | None:
 _TRITON: bool | None = None  # whether triton imports; found on first use
 
 
-def triton_available() -> bool:
+@torch.compiler.assume_constant_result  # traced as its value: no guard on _TRITON, whose first
+def triton_available() -> bool:       # call (in the trace) sets it, which recompiled the model once
     # a module global rather than functools.lru_cache, which torch.compile traces around with a warning
     global _TRITON
     if _TRITON is None:

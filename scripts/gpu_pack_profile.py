@@ -2,9 +2,11 @@
 B8 L4096 in bf16, forward + backward: without seq_idx, with seq_idx of one document per row
 (the packed kernels' paths with nothing to cut) and with the documents of the standard-library
 prepared data (a boundary in about a quarter of the rows), per-kernel GPU time for each.
-`--compile`: the model through torch.compile (as `compile: true` trains it).
+`--compile`: the model through torch.compile (as `compile: true` trains it). `--prepared DIR`:
+also a micro-batch drawn packed from prepared data (its real document boundaries), with and
+without its seq_idx.
 
-    source scripts/gpu_env.sh; cd /tmp; python -P $ROOT/scripts/gpu_pack_profile.py [--compile]
+    source scripts/gpu_env.sh; cd /tmp; python -P $ROOT/scripts/gpu_pack_profile.py [--compile] [--prepared DIR]
 """
 from __future__ import annotations
 
@@ -36,10 +38,24 @@ def main():
     docs = (torch.arange(L)[None] >= cuts[:, None]) & some[:, None]
     docs = docs.to(torch.int32).cuda()
 
-    def step(seq_idx):
+    x, y = idx[:, :-1], idx[:, 1:]
+    cases = {"no seq_idx": (x, y, None), "seq_idx, one document a row": (x, y, one_doc),
+             "seq_idx, stdlib-like cuts": (x, y, docs)}
+    if "--prepared" in sys.argv:
+        from hybridlab.data import make_dataset
+        ds = make_dataset({"prepared": sys.argv[sys.argv.index("--prepared") + 1]}, L)
+        inputs, targets, seq = (t[:B].cuda() for t in ds.train_batch_packed(1, B, 0))
+        starts = (seq[:, 1:] != seq[:, :-1]).sum().item() + B
+        print(f"prepared micro-batch: {starts} documents over {B} rows")
+        cases.update({"prepared rows, no seq_idx": (inputs, targets, None),
+                      "prepared rows, packed": (inputs, targets, seq)})
+
+    def step(case):
+        inputs, targets, seq_idx = case
+
         def fn():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = forward(idx[:, :-1], idx[:, 1:], return_logits=False, step=0, seq_idx=seq_idx)
+                out = forward(inputs, targets, return_logits=False, step=0, seq_idx=seq_idx)
             out.loss.backward()
             model.zero_grad(set_to_none=True)
         return fn
@@ -53,7 +69,6 @@ def main():
         torch.cuda.synchronize()
         return start.elapsed_time(end) / n
 
-    cases = {"no seq_idx": None, "seq_idx, one document a row": one_doc, "seq_idx, stdlib-like cuts": docs}
     t0 = time.time()
     for name, seq in cases.items():
         fn = step(seq)

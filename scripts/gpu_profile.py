@@ -47,6 +47,9 @@ def kernel_table(fn, title, top=14):
 
 
 def load_module(path, name):
+    """Another copy of a kernels module, imported inside hybridlab.kernels (its relative imports)."""
+    import hybridlab.kernels  # noqa: F401
+    name = f"hybridlab.kernels.{name}"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,4 +1,5 @@
 """Small shared helpers for tests."""
+import pytest
 import torch
 
 from hybridlab.blocks import REGISTRY
@@ -12,6 +13,10 @@ TINY = {
     "mlp": {},
 }
 D_MODEL = 32
+
+# Triton kernels on CPU tensors (HYBRIDLAB_KERNELS=triton) need the interpreter, which conftest
+# switches on only where there is no CUDA device; on a GPU machine the `gpu` tests cover them.
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors)")
 
 
 def tiny_block(name, d_model=D_MODEL, n_layers=2, **overrides):

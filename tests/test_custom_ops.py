@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from tests.helpers import grad_leaves
+from tests.helpers import grad_leaves, interpreter_only
 
 sa = importlib.import_module("hybridlab.kernels.selective_attention")
 
@@ -43,6 +43,7 @@ def test_selective_attention_op_passes_opcheck(case):
         torch.testing.assert_close(a, b)
 
 
+@interpreter_only
 @pytest.mark.parametrize("case", list(_sal_cases()))
 def test_selective_attention_op_runs_the_triton_kernels_when_asked(monkeypatch, case):
     pytest.importorskip("triton")

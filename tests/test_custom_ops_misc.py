@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from tests.helpers import grad_leaves
+from tests.helpers import grad_leaves, interpreter_only
 
 conv = importlib.import_module("hybridlab.kernels.conv1d")
 norm = importlib.import_module("hybridlab.kernels.norm")
@@ -128,6 +128,7 @@ def test_op_passes_opcheck(name, case):
     _assert_close(_grads(out, args, g), _grads(ref(*args), args, g))
 
 
+@interpreter_only
 @pytest.mark.parametrize("name", list(OPS))
 def test_op_runs_the_triton_kernels_when_asked(name, monkeypatch):
     pytest.importorskip("triton")
@@ -150,6 +151,7 @@ def test_op_runs_the_triton_kernels_when_asked(name, monkeypatch):
     _assert_close(got, _grads(want_out, args, g), **tol)
 
 
+@interpreter_only
 @pytest.mark.parametrize("name", list(OPS))
 def test_public_function_goes_through_the_op(name, monkeypatch):
     """With the Triton backend, the dispatcher calls the op where torch.compile traces
@@ -184,6 +186,7 @@ def test_op_compiles_as_one_graph(name):
     _assert_close(_grads(out, args, g), _grads(want, args, g))
 
 
+@interpreter_only
 def test_cross_entropy_op_makes_only_the_gradients_asked_for(monkeypatch):
     """Evaluation and frozen weights make no gradient buffers (the fused forward's memory)."""
     pytest.importorskip("triton")
@@ -203,6 +206,7 @@ def test_cross_entropy_op_makes_only_the_gradients_asked_for(monkeypatch):
     torch.testing.assert_close(gh, want, atol=1e-5, rtol=1e-5)
 
 
+@interpreter_only
 def test_public_functions_compile_to_one_node_per_kernel(monkeypatch):
     """A Mamba-2-like chain through the public functions (conv, gated norm, LM head + CE) with
     the Triton backend: one graph, each kernel one op node forward and backward, and the same

@@ -10,6 +10,8 @@ import importlib
 import pytest
 import torch
 
+from tests.helpers import interpreter_only
+
 ssd = importlib.import_module("hybridlab.kernels.ssd")
 
 NAMES = ("x", "dt", "A", "B", "C", "chunk_size", "D", "z", "dt_bias", "dt_softplus", "dt_limit",
@@ -95,6 +97,7 @@ def _spy_on_triton(monkeypatch):
     return calls
 
 
+@interpreter_only
 def test_ssd_op_runs_the_triton_kernels_when_asked(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
@@ -118,6 +121,7 @@ def test_ssd_op_runs_the_triton_kernels_when_asked(monkeypatch):
     assert calls["forward"] == 1 and len(calls["dfinal"]) == 1 and calls["dfinal"][0] is not None
 
 
+@interpreter_only
 def test_public_ssd_chunked_compiles_to_one_op_node(monkeypatch):
     """torch.compile(fullgraph=True) of the public function (the way models call it) traces the
     dispatcher and sees the scan as one op; an unused final state sends the backward no dfinal."""

@@ -160,6 +160,37 @@ def test_the_model_compiles_as_one_graph_and_matches_eager(monkeypatch, through_
         assert not ops
 
 
+@pytest.mark.parametrize("scheduled", [False, True], ids=["fixed capacity", "capacity schedule"])
+def test_compiled_model_is_not_recompiled_per_step(scheduled):
+    """Training calls the model with a new `step` every step. Without a step-scheduled block the
+    model passes none to its blocks, so torch.compile has nothing to specialise on and compiles
+    once (it compiled the model three times on CUDA: once for the step == 0 guard, once more for
+    the kernels' first Triton import check). With a capacity schedule the step reaches the SAL."""
+    import torch._dynamo
+
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).parent.parent / "experiments" / "taipan-tiny.yaml").read_text())
+    spec.pop("training")
+    if scheduled:
+        spec["defaults"]["sal"].update(capacity_start=0.6, capacity_warmup_steps=10)
+    arch = parse_arch(spec)
+    model = HybridLM(arch)
+    assert model.uses_step == scheduled
+    idx = torch.randint(0, arch.vocab_size, (2, 33))
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["stats"]
+    before = frames["unique_graphs"]
+    compiled = torch.compile(model, backend="eager")
+    losses = [compiled(idx[:, :-1], idx[:, 1:], return_logits=False, step=s).aux_loss for s in range(4)]
+    compiles = frames["unique_graphs"] - before
+    if scheduled:  # the step is read: dynamo makes it dynamic after the second value, no more
+        assert compiles <= 2
+        assert len({round(float(l), 6) for l in losses}) > 1  # the budget target moved with it
+    else:
+        assert compiles == 1
+
+
 def test_training_compile_option_compiles_the_model(tmp_path, monkeypatch):
     from hybridlab import train as train_mod
     from tests.runs_helpers import write_arch

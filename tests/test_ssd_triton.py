@@ -9,8 +9,7 @@ shapes (bf16 tensor cores, tf32 for fp32 inputs).
 import pytest
 import torch
 
-# CPU tensors through Triton need the interpreter; on a CUDA machine the GPU cases below run.
-interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors)")
+from tests.helpers import interpreter_only  # CUDA machines run the gpu cases below instead
 
 pytest.importorskip("triton")
 import hybridlab.kernels.ssd_triton as ssd_triton  # noqa: E402  (the Triton path, explicitly)
