@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hybridlab.errors import ConfigError, TrainingDiverged, UserError
 from hybridlab.train import lr_at, prepare, train
@@ -157,3 +158,19 @@ def test_next_batch_is_drawn_on_the_loader_thread_while_a_step_trains(tmp_path, 
     assert [step for step, _ in draws] == list(range(steps))
     assert all(name.startswith("hybridlab-data") for _, name in draws)
     assert not any(t.name.startswith("hybridlab-data") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_loader_draws_into_pinned_memory_on_cuda_only(device):
+    """On CUDA the drawn batch is page-locked (a copy from pageable memory synchronises the
+    GPU's stream); elsewhere the draw is left as it is. Values unchanged either way."""
+    from hybridlab.train import pinned
+
+    def draw(step, batch_size, seed):
+        g = torch.Generator().manual_seed(step + seed)
+        return torch.randint(0, 50, (batch_size, 8), generator=g), torch.zeros(batch_size, 8, dtype=torch.int32)
+
+    wrapped = pinned(draw, torch.device(device))
+    got, want = wrapped(3, 4, 0), draw(3, 4, 0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(t.is_pinned() for t in got) == (device == "cuda")
