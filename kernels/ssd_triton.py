@@ -586,6 +586,8 @@ def _bwd_dx_db(
                     seq_t = tl.load(seq_ptr + b * stride_seq_b + t0 + offs_t, mask=tmask, other=-2)
                     keep &= seq_s[:, None] == seq_t[None, :]
             LT = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_S, BLOCK_T)
+            # recomputed for every head: re-reading the forward's C B^T tile instead was slower
+            # twice (fp32, and bf16 in the eleventh session: docs/measurements/README.md)
             cbT = _dot(Bs, CtT, F32)                                               # (C_t . B_s)^T
             MT = cbT * LT                                                          # M^T
             xdy = _dot(xs, tl.trans(dyt), F32)                                     # (BLOCK_S, BLOCK_T)

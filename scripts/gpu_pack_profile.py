@@ -3,7 +3,7 @@ B8 L4096 in bf16, forward + backward: without seq_idx, with seq_idx of one docum
 (the packed kernels' paths with nothing to cut) and with the documents of the standard-library
 prepared data (a boundary in about a quarter of the rows), per-kernel GPU time for each.
 `--compile`: the model through torch.compile (as `compile: true` trains it). `--prepared DIR`:
-also a micro-batch drawn packed from prepared data (its real document boundaries), with and
+instead, a micro-batch drawn packed from prepared data (its real document boundaries), with and
 without its seq_idx.
 
     source scripts/gpu_env.sh; cd /tmp; python -P $ROOT/scripts/gpu_pack_profile.py [--compile] [--prepared DIR]
@@ -46,9 +46,11 @@ def main():
         ds = make_dataset({"prepared": sys.argv[sys.argv.index("--prepared") + 1]}, L)
         inputs, targets, seq = (t[:B].cuda() for t in ds.train_batch_packed(1, B, 0))
         starts = (seq[:, 1:] != seq[:, :-1]).sum().item() + B
-        print(f"prepared micro-batch: {starts} documents over {B} rows")
-        cases.update({"prepared rows, no seq_idx": (inputs, targets, None),
-                      "prepared rows, packed": (inputs, targets, seq)})
+        chunks = seq.view(B, -1, 256)                                               # the SSD's chunks
+        mixed = (chunks[..., 0] != chunks[..., -1]).float().mean().item()
+        print(f"prepared micro-batch: {starts} documents over {B} rows; {mixed:.0%} of the "
+              f"256-token chunks hold a document start")
+        cases = {"prepared rows, no seq_idx": (inputs, targets, None), "prepared rows, packed": (inputs, targets, seq)}
 
     def step(case):
         inputs, targets, seq_idx = case
