@@ -306,10 +306,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt
         if not through_op():  # eager: the autograd.Function (less host time than the op)
             return _ssdt().ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                                        initial_states, seq_idx, return_final_states)
-        # under torch.compile: the op, one node; nothing below that compile cannot trace
-        # contiguous here, outside the op: its saved inputs are then the copies the kernels read,
-        # and the backward does not copy them again
-        x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
+        # under torch.compile: the op, one node; nothing below that compile cannot trace. x, dt,
+        # B and C go in as they are (the kernels take their strides: in Mamba-2, views of the
+        # conv's output and the in-projection); z contiguous here, outside the op, so the op's
+        # saved z is the copy the kernels read and the backward does not copy it again
         z = z.contiguous() if z is not None else None
         seq_idx = seq_idx.to(torch.int32) if seq_idx is not None else None  # the kernels' dtype
         dt_limit = None if dt_limit is None else [float(dt_limit[0]), float(dt_limit[1])]

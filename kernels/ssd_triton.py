@@ -326,6 +326,7 @@ def _chunk_scan_fwd(
     x_ptr, cb_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, prev_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr,
     L, H, P, N, HPG,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_y_b, stride_y_l, stride_y_h, stride_y_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
     stride_seq_b,
     Q: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -334,7 +335,8 @@ def _chunk_scan_fwd(
 ):
     # grid (cdiv(Q, BLOCK_M) * cdiv(P, BLOCK_P) * H, batch * n_chunks): rows t of y (BLOCK_M, BLOCK_P).
     # Heads vary fastest: the heads of a group read the same CB and C tiles, which stay in L2.
-    # x, z, y, ypre share x's strides (B, L, H, P); C has (B, L, G, N); cb is (B, nc, G, Q, Q).
+    # x (B, L, H, P) may be a view (of the conv's output); z, y, ypre share y's strides; C has
+    # (B, L, G, N); cb is (B, nc, G, Q, Q).
     pid_mp = tl.program_id(0) // H
     h = tl.program_id(0) % H
     pid_bc = tl.program_id(1)
@@ -398,19 +400,20 @@ def _chunk_scan_fwd(
                      mask=kmask[:, None] & pmask[None, :], other=0.0)             # (BLOCK_K, BLOCK_P)
         acc += _dot(w.to(xk.dtype), xk, F32)
 
-    io = offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p
     iomask = mmask[:, None] & pmask[None, :]
-    io_base = b * stride_x_b + h * stride_x_h + t0 * stride_x_l
     if HAS_D:
         Dp = tl.load(D_ptr + h * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
-        xm = tl.load(x_base + io, mask=iomask, other=0.0).to(tl.float32)
+        xm = tl.load(x_base + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+                     mask=iomask, other=0.0).to(tl.float32)
         acc += xm * Dp[None, :]
+    io = (b * stride_y_b + h * stride_y_h + t0 * stride_y_l
+          + offs_m[:, None] * stride_y_l + offs_p[None, :] * stride_y_p)
     if HAS_Z:
         # keep the ungated output for the backward of the gate
-        tl.store(ypre_ptr + io_base + io, acc.to(ypre_ptr.dtype.element_ty), mask=iomask)
-        zm = tl.load(z_ptr + io_base + io, mask=iomask, other=0.0).to(tl.float32)
+        tl.store(ypre_ptr + io, acc.to(ypre_ptr.dtype.element_ty), mask=iomask)
+        zm = tl.load(z_ptr + io, mask=iomask, other=0.0).to(tl.float32)
         acc = acc * zm * tl.sigmoid(zm)
-    tl.store(y_ptr + io_base + io, acc.to(y_ptr.dtype.element_ty), mask=iomask)
+    tl.store(y_ptr + io, acc.to(y_ptr.dtype.element_ty), mask=iomask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,6 +505,8 @@ def _bwd_dx_db(
     dx_ptr, dB_ptr, ddt_ptr, dcs_ptr, dcse_ptr, dD_ptr,
     L, H, P, N, HPG, HEADS_PER_PROG, N_SPLIT,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_y_b, stride_y_l, stride_y_h, stride_y_p,
+    stride_dx_b, stride_dx_l, stride_dx_h, stride_dx_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
     stride_seq_b,
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -510,6 +515,7 @@ def _bwd_dx_db(
 ):
     # grid (cdiv(Q, BLOCK_S), batch * n_chunks, G * N_SPLIT). Rows s of one chunk, for the
     # HEADS_PER_PROG heads of one split of group g; dB is summed over those heads here.
+    # x, dy and dx each have their own strides (x and dx may be views of xBC and its gradient).
     # With M_ts = (C_t . B_s) L_ts and w_s = dt_s exp(cs_Q - cs_s) [seq_s == seq_end]:
     #   dx_s   = dt_s sum_{t>=s} M_ts dy_t  +  w_s dS B_s  +  D dy_s
     #   dB_s   = sum_t dt_s (dy_t . x_s) L_ts C_t  +  w_s x_s dS
@@ -549,6 +555,7 @@ def _bwd_dx_db(
         h = h_first + hh
         row = (b * H + h) * (nc * Q) + t0
         xh_base = b * stride_x_b + h * stride_x_h + t0 * stride_x_l
+        yh_base = b * stride_y_b + h * stride_y_h + t0 * stride_y_l
         xs = tl.load(x_ptr + xh_base + io_s, mask=iomask, other=0.0)              # (BLOCK_S, BLOCK_P)
         cs_s = tl.load(cs_ptr + row + offs_s, mask=smask, other=0.0)
         dt_s = tl.load(dt_ptr + row + offs_s, mask=smask, other=0.0)
@@ -577,7 +584,7 @@ def _bwd_dx_db(
             tmask = offs_t < chunk_len
             CtT = tl.load(C_base + offs_t[None, :] * stride_bc_l + offs_n[:, None] * stride_bc_n,
                           mask=tmask[None, :] & nmask[:, None], other=0.0)          # (BLOCK_N, BLOCK_T)
-            dyt = tl.load(dy_ptr + xh_base + offs_t[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+            dyt = tl.load(dy_ptr + yh_base + offs_t[:, None] * stride_y_l + offs_p[None, :] * stride_y_p,
                           mask=tmask[:, None] & pmask[None, :], other=0.0)          # (BLOCK_T, BLOCK_P)
             cs_t = tl.load(cs_ptr + row + offs_t, mask=tmask, other=0.0)
             keep = (offs_t[None, :] >= offs_s[:, None]) & tmask[None, :] & smask[:, None]
@@ -601,12 +608,14 @@ def _bwd_dx_db(
         dx = dx_acc * dt_s[:, None] + dx_state
         if HAS_D:
             Dp = tl.load(D_ptr + h * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
-            dys = tl.load(dy_ptr + xh_base + io_s, mask=iomask, other=0.0).to(tl.float32)
+            dys = tl.load(dy_ptr + yh_base + offs_s[:, None] * stride_y_l + offs_p[None, :] * stride_y_p,
+                          mask=iomask, other=0.0).to(tl.float32)
             dx += dys * Dp[None, :]
             # dD partial over these rows: (B * nc, n_sblocks, H, P)
             tl.store(dD_ptr + ((pid_bc.to(tl.int64) * tl.num_programs(0) + pid_s) * H + h) * P + offs_p,
                      tl.sum(dys * xs.to(tl.float32), axis=0), mask=pmask)
-        tl.store(dx_ptr + xh_base + io_s, dx.to(dx_ptr.dtype.element_ty), mask=iomask)
+        tl.store(dx_ptr + b * stride_dx_b + h * stride_dx_h + (t0 + offs_s)[:, None] * stride_dx_l
+                 + offs_p[None, :] * stride_dx_p, dx.to(dx_ptr.dtype.element_ty), mask=iomask)
         tl.store(ddt_ptr + row + offs_s, ddt_s, mask=smask)
         tl.store(dcs_ptr + row + offs_s, dcs_s, mask=smask)
         tl.store(dcse_ptr + row + offs_s, dw * w_s, mask=smask)
@@ -621,7 +630,8 @@ def _bwd_dx_db(
 def _dc_tile(
     x_ptr, B_base, dy_ptr, dt_ptr, cs_ptr, seq_ptr, Ct, dC, dcs, k, b, t0, chunk_len,
     h_first, nc, H, HEADS_PER_PROG, offs_t, offs_p, offs_n, offs_hh, tmask, pmask, nmask, io_t, seq_t,
-    stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_bc_l, stride_bc_n, stride_seq_b,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_y_b, stride_y_l, stride_y_h,
+    stride_bc_l, stride_bc_n, stride_seq_b,
     Q: tl.constexpr, MASKED: tl.constexpr, HAS_SEQ: tl.constexpr, F32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -644,7 +654,8 @@ def _dc_tile(
         h = h_first + hh
         row = (b * H + h) * (nc * Q) + t0
         xh_base = b * stride_x_b + h * stride_x_h + t0 * stride_x_l
-        dyt = tl.load(dy_ptr + xh_base + io_t, mask=tmask[:, None] & pmask[None, :], other=0.0)
+        dyt = tl.load(dy_ptr + b * stride_y_b + h * stride_y_h + t0 * stride_y_l + io_t,
+                      mask=tmask[:, None] & pmask[None, :], other=0.0)             # (BLOCK_T, BLOCK_P)
         xsT = tl.load(x_ptr + xh_base + offs_s[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
                       mask=smask[None, :] & pmask[:, None], other=0.0)             # (BLOCK_P, BLOCK_S)
         cs_t = tl.load(cs_ptr + row + offs_t, mask=tmask, other=0.0)
@@ -675,6 +686,7 @@ def _bwd_dc(
     dC_ptr, dcs_ptr,
     L, H, P, N, HPG, HEADS_PER_PROG, N_SPLIT,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_y_b, stride_y_l, stride_y_h, stride_y_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
     stride_seq_b,
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HH: tl.constexpr,
@@ -705,7 +717,7 @@ def _bwd_dc(
     nmask = offs_n < N
     B_base = B_ptr + b * stride_bc_b + g * stride_bc_g + t0 * stride_bc_l
     C_base = C_ptr + b * stride_bc_b + g * stride_bc_g + t0 * stride_bc_l
-    io_t = offs_t[:, None] * stride_x_l + offs_p[None, :] * stride_x_p
+    io_t = offs_t[:, None] * stride_y_l + offs_p[None, :] * stride_y_p              # dy's rows t
     Ct = tl.load(C_base + offs_t[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
                  mask=tmask[:, None] & nmask[None, :], other=0.0)                 # (BLOCK_T, BLOCK_N)
     seq_t = offs_t   # unused without HAS_SEQ
@@ -719,7 +731,7 @@ def _bwd_dc(
     for hh in range(0, HEADS_PER_PROG):
         h = h_first + hh
         row = (b * H + h) * (nc * Q) + t0
-        dyt = tl.load(dy_ptr + b * stride_x_b + h * stride_x_h + t0 * stride_x_l + io_t,
+        dyt = tl.load(dy_ptr + b * stride_y_b + h * stride_y_h + t0 * stride_y_l + io_t,
                       mask=tmask[:, None] & pmask[None, :], other=0.0)              # (BLOCK_T, BLOCK_P)
         cs_t = tl.load(cs_ptr + row + offs_t, mask=tmask, other=0.0)
         prev = tl.load(prev_ptr + (pid_bc.to(tl.int64) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
@@ -744,13 +756,15 @@ def _bwd_dc(
     for k in range(0, lo_diag, BLOCK_S):
         dC, dcs = _dc_tile(x_ptr, B_base, dy_ptr, dt_ptr, cs_ptr, seq_ptr, Ct, dC, dcs, k, b, t0, chunk_len,
                            h_first, nc, H, HEADS_PER_PROG, offs_t, offs_p, offs_n, offs_hh, tmask, pmask, nmask,
-                           io_t, seq_t, stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_bc_l,
-                           stride_bc_n, stride_seq_b, Q, False, HAS_SEQ, F32, BLOCK_T, BLOCK_S)
+                           io_t, seq_t, stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_y_b,
+                           stride_y_l, stride_y_h, stride_bc_l, stride_bc_n, stride_seq_b, Q, False, HAS_SEQ,
+                           F32, BLOCK_T, BLOCK_S)
     for k in range(lo_diag, hi, BLOCK_S):
         dC, dcs = _dc_tile(x_ptr, B_base, dy_ptr, dt_ptr, cs_ptr, seq_ptr, Ct, dC, dcs, k, b, t0, chunk_len,
                            h_first, nc, H, HEADS_PER_PROG, offs_t, offs_p, offs_n, offs_hh, tmask, pmask, nmask,
-                           io_t, seq_t, stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_bc_l,
-                           stride_bc_n, stride_seq_b, Q, True, HAS_SEQ, F32, BLOCK_T, BLOCK_S)
+                           io_t, seq_t, stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_y_b,
+                           stride_y_l, stride_y_h, stride_bc_l, stride_bc_n, stride_seq_b, Q, True, HAS_SEQ,
+                           F32, BLOCK_T, BLOCK_S)
 
     for hh in range(0, HEADS_PER_PROG):
         row = (b * H + h_first + hh) * (nc * Q) + t0
@@ -837,17 +851,25 @@ def _forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_st
         num_warps=4,
     )
 
-    y = torch.empty_like(x)
-    ypre = torch.empty_like(x) if z is not None else None
+    y = torch.empty(x.shape, device=dev, dtype=x.dtype)                            # contiguous, as z
+    ypre = torch.empty_like(y) if z is not None else None
     grid = lambda M: (triton.cdiv(Q, M["BLOCK_M"]) * triton.cdiv(p, M["BLOCK_P"]) * h, b * nc)
     launch(_chunk_scan_fwd, grid, (p, n, Q, x.dtype),
         x, cb, C, dt_p, cs, seq, prev, D if D is not None else x, z if z is not None else x, y,
         ypre if ypre is not None else y,
-        l, h, p, n, h // g, *x.stride(), *B.stride(), stride_seq,
+        l, h, p, n, h // g, *x.stride(), *y.stride(), *B.stride(), stride_seq,
         Q=Q, BLOCK_N=_pow2(n, 32), HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
         HAS_Z=z is not None, F32=F32,
     )
     return y, final, dt_p, cs, prev, ypre
+
+
+def _sum_into(partials, dtype, out):
+    """partials (B, L, splits, G, N) fp32 summed over the splits, in `dtype`, or into `out`."""
+    if out is None:
+        return partials.sum(2).to(dtype)
+    out.copy_(partials.sum(2))
+    return out
 
 
 def _limit(dt_limit):
@@ -858,14 +880,18 @@ def _limit(dt_limit):
 
 
 def _prepare(x, dt, A, B, C, chunk_size, D, z, initial_states, seq_idx):
-    """The layouts the kernels read: contiguous; B and C in x's dtype (they enter the same
-    matmuls as x); D as (H, P); seq_idx int32. No-ops on inputs already so, as the op's inputs
-    are (ssd.py makes them contiguous before the op), so `backward` can prepare them again."""
+    """The layouts the kernels read. x, dt, B and C keep their strides (the kernels take them:
+    in Mamba-2 they are views of the conv's output and the in-projection, which a copy would
+    only duplicate), B and C in x's dtype (they enter the same matmuls as x) and with one
+    layout; z, D (as (H, P)), the initial states and seq_idx (int32) contiguous. No-ops on
+    inputs already so, so `backward` can prepare the saved inputs again."""
     h, p = x.shape[2:]
     assert h % B.shape[-2] == 0, "nheads must be a multiple of ngroups"
     assert chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0, "chunk_size: a power of two >= 16"
-    x, dt, A = x.contiguous(), dt.contiguous(), A.contiguous()
-    B, C = B.to(x.dtype).contiguous(), C.to(x.dtype).contiguous()
+    A = A.contiguous()
+    B, C = B.to(x.dtype), C.to(x.dtype)
+    if B.stride() != C.stride():  # the kernels index both with B's strides
+        B, C = B.contiguous(), C.contiguous()
     if D is not None:
         D = (D[:, None].expand(h, p) if D.dim() == 1 else D).contiguous()
     z = z.contiguous() if z is not None else None
@@ -886,10 +912,12 @@ def forward(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_sof
 
 
 def backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_p, cs, prev, ypre,
-             chunk_size=256, dt_softplus=True, dt_limit=None):
+             chunk_size=256, dt_softplus=True, dt_limit=None, out_dx=None, out_dB=None, out_dC=None):
     """The backward kernels, from `forward`'s inputs (as they were given to it) and its saved
     outputs; dfinal (the final state's gradient) may be None. Returns dx, ddt, dA, dB, dC, dD, dz,
-    ddt_bias, dinitial_states, each in its input's dtype and shape; None for absent inputs."""
+    ddt_bias, dinitial_states, each in its input's dtype and shape (contiguous, or written into
+    `out_dx` / `out_dB` / `out_dC` where given: e.g. views of one d(xBC) buffer); None for
+    absent inputs."""
     B_dtype, C_dtype, D_in = B.dtype, C.dtype, D
     x, dt_raw, A, B, C, D, z, init, seq_idx = _prepare(x, dt, A, B, C, chunk_size, D, z, initial_states,
                                                        seq_idx)
@@ -937,7 +965,7 @@ def backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
     del dprev
 
     hpg = h // g
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, device=dev, dtype=x.dtype) if out_dx is None else out_dx
     # (B, H, nc*Q): every position of the sequence is written; _dt_bwd masks the padding
     ddt = torch.empty(b, h, nc * Q, device=dev, dtype=torch.float32)
     dcs_a = torch.empty_like(ddt)
@@ -954,20 +982,20 @@ def backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
         x, B, C, dy, dt_p, cs, seq, dstates, D if D is not None else x,
         dx, dB_sp, ddt, dcs_a, dcse, dD_sp if D is not None else ddt,
         l, h, p, n, hpg, hpg // split, split,
-        *x.stride(), *B.stride(), stride_seq,
+        *x.stride(), *dy.stride(), *dx.stride(), *B.stride(), stride_seq,
         Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, HAS_SEQ=has_seq, HAS_D=D is not None, F32=F32,
     )
     grid = lambda M: (triton.cdiv(Q, M["BLOCK_T"]), b * nc, g * split)
     launch(_bwd_dc, grid, (p, n, Q, hpg // split, x.dtype),
         x, B, C, dy, dt_p, cs, seq, prev, dC_sp, dcs_b,
         l, h, p, n, hpg, hpg // split, split,
-        *x.stride(), *B.stride(), stride_seq,
+        *x.stride(), *dy.stride(), *B.stride(), stride_seq,
         Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK_HH=_pow2(hpg // split, 1), HAS_SEQ=has_seq, F32=F32,
     )
     del dstates
 
     # ---- the chunk-local reverse cumsum and the dt chain, one kernel per (chunk, head block) ----
-    ddt_raw = torch.empty_like(dt_raw)
+    ddt_raw = torch.empty(dt_raw.shape, device=dev, dtype=dt_raw.dtype)
     dA_part = torch.empty(b * nc, h, device=dev, dtype=torch.float32)
     dbias_part = torch.empty_like(dA_part) if dt_bias is not None else dA_part
     lo, hi_ = dt_limit if dt_limit is not None else (0.0, 0.0)
@@ -982,8 +1010,8 @@ def backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
     dA = dA_part.sum(0).to(A.dtype)
     ddt_bias = dbias_part.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
 
-    dB = dB_sp.sum(2).to(B_dtype)                                              # (B, L, G, N)
-    dC = dC_sp.sum(2).to(C_dtype)
+    dB = _sum_into(dB_sp, B_dtype, out_dB)                                     # (B, L, G, N)
+    dC = _sum_into(dC_sp, C_dtype, out_dC)
     dD = None
     if D is not None:
         dD = dD_sp.sum((0, 1))                                                     # (H, P)

@@ -167,6 +167,48 @@ def test_chunked_low_precision_cpu(dtype):
     check_against_ref((1, 64, 2, 1, 16, 16), dtype, "cpu", 32, boundaries=(41,))
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=interpreter_only),
+                                    pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_strided_views_as_in_mamba2(device):
+    """x, B, C as views of one xBC buffer and dt of an in-projection-like buffer (Mamba-2's
+    layout, which the kernels read without a copy): the same outputs and gradients as on
+    contiguous copies; and the backward can write dx, dB, dC straight into one d(xBC) buffer."""
+    b, l, h, g, p, n, Q = (1, 70, 4, 2, 16, 16, 32) if device == "cpu" else (2, 1000, 24, 1, 64, 128, 256)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    d_in = h * p
+    xBC = torch.randn(b, l, d_in + 2 * g * n, device=device).to(dtype)
+    proj = torch.randn(b, l, 3 + h, device=device).to(dtype)                     # dt in a wider row
+    x = xBC[..., :d_in].view(b, l, h, p)
+    B = xBC[..., d_in:d_in + g * n].view(b, l, g, n)
+    C = xBC[..., d_in + g * n:].view(b, l, g, n)
+    dt = proj[..., 3:]
+    A = -(torch.rand(h, device=device) * 2.0 + 0.3)
+    kw = dict(D=torch.randn(h, device=device), dt_bias=torch.randn(h, device=device) * 0.3,
+              seq_idx=(torch.arange(l, device=device) >= l // 3).int()[None].expand(b, l).contiguous())
+    assert not x.is_contiguous() and not dt.is_contiguous()
+    views = (x, dt, A, B, C)
+    copies = tuple(t.contiguous() for t in views)
+
+    y, final, *saved = ssd_triton.forward(*views, Q, **kw)
+    y_c, final_c, *saved_c = ssd_triton.forward(*copies, Q, **kw)
+    assert y.is_contiguous() and torch.equal(y, y_c) and torch.equal(final, final_c)
+    dy = torch.randn_like(y)
+    opts = dict(D=kw["D"], z=None, dt_bias=kw["dt_bias"], initial_states=None, seq_idx=kw["seq_idx"])
+    want = ssd_triton.backward(dy, None, *copies, **opts, dt_p=saved_c[0], cs=saved_c[1], prev=saved_c[2],
+                               ypre=saved_c[3], chunk_size=Q)
+    got = ssd_triton.backward(dy, None, *views, **opts, dt_p=saved[0], cs=saved[1], prev=saved[2],
+                              ypre=saved[3], chunk_size=Q)
+    for name, a, w in zip(["dx", "ddt", "dA", "dB", "dC", "dD"], got, want):
+        assert torch.equal(a, w), name
+    dxBC = torch.full_like(xBC, float("nan"))
+    into = ssd_triton.backward(dy, None, *views, **opts, dt_p=saved[0], cs=saved[1], prev=saved[2],
+                               ypre=saved[3], chunk_size=Q, out_dx=dxBC[..., :d_in].view(b, l, h, p),
+                               out_dB=dxBC[..., d_in:d_in + g * n].view(b, l, g, n),
+                               out_dC=dxBC[..., d_in + g * n:].view(b, l, g, n))
+    assert torch.equal(dxBC, torch.cat([want[0].flatten(2), want[3].flatten(2), want[4].flatten(2)], -1))
+    assert into[0].data_ptr() == dxBC.data_ptr()  # dx is the view, written in place
+
+
 @interpreter_only
 def test_matches_token_recurrence():
     """The kernel equals the definition (token-by-token recurrence), also across packed sequences."""
