@@ -457,6 +457,8 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
     # The next step's batch is drawn on a thread while this one trains: the step ends in a
     # host synchronisation (its loss), so a draw in the loop would leave the GPU idle for its
     # whole length. A draw is a function of (step, seed) alone, so this changes no number.
+    if device.type == "cuda":  # train/peak_memory_gib: training's own, not the micro-batch probe's
+        torch.cuda.reset_peak_memory_stats(device)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridlab-data")
     upcoming = loader.submit(draw, step, batch, cfg.seed) if step < end else None
     try:
@@ -498,6 +500,8 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
                            "train/grad_norm": distributed.full_tensor(grad_norm).item(), "train/tokens_per_s": tok_s,
                            "hparam/train_loss": loss_ema, "hparam/tokens_per_s": tok_s}
                 scalars.update({f"blocks/{k}": v.item() for k, v in metrics.items()})
+                if device.type == "cuda":  # this process's peak since the start (FSDP2: its shard's)
+                    scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 tracker.log(step, scalars)
                 blocks_summary = training_summary(metrics)
                 if bar:

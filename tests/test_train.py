@@ -174,3 +174,18 @@ def test_loader_draws_into_pinned_memory_on_cuda_only(device):
     got, want = wrapped(3, 4, 0), draw(3, 4, 0)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert all(t.is_pinned() for t in got) == (device == "cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_peak_memory_is_logged_on_cuda(tmp_path, device):
+    """train/peak_memory_gib (this process's peak allocation) at every logged step on CUDA,
+    positive and never falling; no such key on the CPU."""
+    arch = write_arch(tmp_path, tmp_path / "runs", steps=3, eval_every=0, checkpoint_every=0, device=device)
+    run = prepare(str(arch))
+    train(run, quiet=True)
+    m = read_metrics(run.run_dir)
+    peaks = [m[s].get("train/peak_memory_gib") for s in (1, 2, 3)]
+    if device == "cpu":
+        assert peaks == [None] * 3
+    else:
+        assert 0 < peaks[0] <= peaks[1] <= peaks[2]
