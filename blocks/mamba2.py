@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hybridlab.kernels import causal_conv1d, causal_conv1d_update, gated_rms_norm, ssd_chunked, ssd_step
+from hybridlab.kernels import causal_conv1d, causal_conv1d_update, gated_rms_norm, ssd_chunked_xbc, ssd_step
 
 from .base import Block, BlockConfigMixin
 from .common import RMSNorm, init_linear
@@ -137,10 +137,10 @@ class Mamba2Block(Block):
         SSM state restarts at each."""
         cfg = self.cfg
         b, L, _ = h.shape
-        x, B, C = self._ssd_inputs(xBC)
-        out = ssd_chunked(
-            x.reshape(b, L, self.nheads, cfg.headdim), dt, -torch.exp(self.A_log.float()),
-            B.reshape(b, L, cfg.ngroups, cfg.d_state), C.reshape(b, L, cfg.ngroups, cfg.d_state),
+        # x, B, C stay packed in xBC (the conv's output): compiled, the scan's backward then
+        # writes d(xBC) as one tensor for the conv's backward instead of three to concatenate
+        out = ssd_chunked_xbc(
+            xBC, dt, -torch.exp(self.A_log.float()), self.nheads, cfg.headdim, cfg.ngroups,
             chunk_size=cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
             initial_states=initial_states, return_final_states=initial_states is not None,
             seq_idx=seq_idx,

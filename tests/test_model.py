@@ -154,7 +154,7 @@ def test_the_model_compiles_as_one_graph_and_matches_eager(monkeypatch, through_
     ops = {str(n.target).split(".")[1] for n in graphs["forward"].graph.nodes
            if n.op == "call_function" and str(n.target).startswith("hybridlab.")}
     if through_ops:
-        assert ops == {"selective_attention", "ssd_chunked", "causal_conv1d", "gated_rms_norm",
+        assert ops == {"selective_attention", "ssd_chunked_xbc", "causal_conv1d", "gated_rms_norm",
                        "linear_cross_entropy"}
     else:
         assert not ops
