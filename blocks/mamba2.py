@@ -12,7 +12,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hybridlab.kernels import causal_conv1d, causal_conv1d_update, gated_rms_norm, ssd_chunked_xbc, ssd_step
+from hybridlab.kernels import (
+    causal_conv1d,
+    causal_conv1d_update,
+    gated_rms_norm,
+    mamba2_mixer,
+    ssd_chunked_xbc,
+    ssd_step,
+)
 
 from .base import Block, BlockConfigMixin
 from .common import RMSNorm, init_linear
@@ -132,13 +139,13 @@ class Mamba2Block(Block):
         return x, B, C
 
     def _mix(self, h, z, xBC, dt, initial_states=None, seq_idx=None):
-        """Conv'd xBC (B, L, conv_dim) -> SSD -> gated norm -> out-proj + residual.
+        """Conv'd xBC (B, L, conv_dim) -> SSD -> gated norm -> out-proj + residual (prefill).
         Returns (output, final SSM state or None). `seq_idx` (B, L): packed documents, the
         SSM state restarts at each."""
         cfg = self.cfg
         b, L, _ = h.shape
-        # x, B, C stay packed in xBC (the conv's output): compiled, the scan's backward then
-        # writes d(xBC) as one tensor for the conv's backward instead of three to concatenate
+        # prefill (carried states): the mixer's three steps called one by one; training's forward
+        # is `mamba2_mixer`, which runs the same three
         out = ssd_chunked_xbc(
             xBC, dt, -torch.exp(self.A_log.float()), self.nheads, cfg.headdim, cfg.ngroups,
             chunk_size=cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
@@ -154,10 +161,14 @@ class Mamba2Block(Block):
     def forward(self, h, aux=None):
         # packed documents: neither the conv window nor the SSM state crosses a document start
         seq_idx = aux.seq_idx if aux is not None else None
-        z, xBC, dt = torch.split(self.in_proj(self.norm(h)), self.split, dim=-1)
-        xBC = causal_conv1d(xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias,
-                            seq_idx=seq_idx)  # (b, L, conv_dim)
-        return self._mix(h, z, xBC, dt, seq_idx=seq_idx)[0]
+        cfg = self.cfg
+        # conv -> SSD -> gated norm from the in-projection's output (kernels/mamba2_mixer.py):
+        # compiled, one op whose backward writes the in-projection's gradient as one tensor
+        y = mamba2_mixer(self.in_proj(self.norm(h)), self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                         -torch.exp(self.A_log.float()), self.D, self.dt_bias, self.norm_gated, self.nheads,
+                         cfg.headdim, cfg.ngroups, cfg.chunk_size, 1e-5, self.d_inner // cfg.ngroups,
+                         cfg.norm_before_gate, seq_idx)                         # (b, L, d_inner)
+        return h + self.out_proj(y)
 
     def allocate_cache(self, batch, max_len, device=None, dtype=None):
         cfg = self.cfg

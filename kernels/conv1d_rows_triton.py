@@ -207,13 +207,13 @@ def conv_fwd_rows(x, weight, bias, seq_idx, silu):
     return y
 
 
-def conv_bwd_rows(x, weight, bias, seq_idx, dy, silu):
+def conv_bwd_rows(x, weight, bias, seq_idx, dy, silu, out_dx=None):
     b, l, d = x.shape
     k = weight.shape[1]
     assert k <= 4, k
     slot_rows = _SLOT_ROWS  # dw/db partials: one slot per this many rows, whatever the CHUNK
     n_slots = triton.cdiv(l, slot_rows)
-    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
+    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype) if out_dx is None else out_dx
     dw_part = torch.empty((b * n_slots, 4, d), device=x.device, dtype=torch.float32)
     db_part = torch.empty((b * n_slots, d), device=x.device, dtype=torch.float32) if bias is not None else dw_part
     seq, ssb, ssl = _seq_args(seq_idx, x)

@@ -340,17 +340,17 @@ def _chunk_l(l):
     return 256 if l >= 4096 else 64
 
 
-def _conv_bwd(x, weight, bias, seq_idx, dy, silu):
+def _conv_bwd(x, weight, bias, seq_idx, dy, silu, out_dx=None):
     b, l, d = x.shape
     k = weight.shape[1]
     if _rows(k):
         from .conv1d_rows_triton import conv_bwd_rows
-        return conv_bwd_rows(x, weight, bias, seq_idx, dy, silu)
+        return conv_bwd_rows(x, weight, bias, seq_idx, dy, silu, out_dx)
     chunk = _chunk_l(l)
     n_chunks = triton.cdiv(l, chunk)
     lowp = _BWD_DPRE_LOWP and dy.dtype in (torch.bfloat16, torch.float16)
     g = torch.empty((b, l, d), device=x.device, dtype=dy.dtype if lowp else torch.float32)
-    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype)
+    dx = torch.empty((b, l, d), device=x.device, dtype=x.dtype) if out_dx is None else out_dx
     dw_part = torch.empty((b * n_chunks, k, d), device=x.device, dtype=torch.float32)
     db_part = torch.empty((b * n_chunks, d), device=x.device, dtype=torch.float32) if bias is not None else dw_part
     has_seq = seq_idx is not None
@@ -409,10 +409,11 @@ def forward(x, weight, bias, seq_idx, silu):
     return _conv_fwd(x, weight, bias, _seq_i32(seq_idx), silu)
 
 
-def backward(dy, x, weight, bias, seq_idx, silu):
-    """The backward kernels: dx (x's dtype), dweight (weight's; contiguous, as the op's fake
-    says: the kernels' partial sums come out transposed), dbias (bias's; None without)."""
-    dx, dw, db = _conv_bwd(x, weight, bias, _seq_i32(seq_idx), dy, silu)
+def backward(dy, x, weight, bias, seq_idx, silu, out_dx=None):
+    """The backward kernels: dx (x's dtype; written into `out_dx` if given, any strides),
+    dweight (weight's; contiguous, as the op's fake says: the kernels' partial sums come out
+    transposed), dbias (bias's; None without)."""
+    dx, dw, db = _conv_bwd(x, weight, bias, _seq_i32(seq_idx), dy, silu, out_dx)
     return dx, dw.contiguous(), db
 
 

@@ -196,9 +196,10 @@ def forward(x, z, weight, eps, group_size=None, norm_before_gate=False, out_dtyp
     return y.view(shape), rstd.view(*shape[:-1], n_groups)
 
 
-def backward(dy, x, z, weight, rstd, group_size=None, norm_before_gate=False):
+def backward(dy, x, z, weight, rstd, group_size=None, norm_before_gate=False, out_dz=None):
     """The backward kernel, from the inputs and `forward`'s rstd. Returns dx, dz (None without
-    z) and dweight, each in its input's dtype."""
+    z; written into `out_dz` if given, rows of any stride) and dweight, each in its input's
+    dtype."""
     shape = x.shape
     d = shape[-1]
     group_size, n_groups = _groups(d, group_size)
@@ -207,7 +208,10 @@ def backward(dy, x, z, weight, rstd, group_size=None, norm_before_gate=False):
     z2 = _rows(z, d) if has_z else x2
     m = x2.shape[0]
     dx = torch.empty((m, d), device=x.device, dtype=x.dtype)
-    dz = torch.empty((m, d), device=x.device, dtype=z.dtype) if has_z else dx
+    if has_z:
+        dz = torch.empty((m, d), device=x.device, dtype=z.dtype) if out_dz is None else out_dz.view(m, d)
+    else:
+        dz = dx
     n_prog = _n_bwd_programs(m, x.device)
     dw_part = torch.empty((n_prog, d), device=x.device, dtype=torch.float32)
     launch(_norm_bwd_kernel, (n_prog, n_groups), (group_size, d, has_z, nbg, x.dtype, dy2.dtype),
@@ -217,7 +221,7 @@ def backward(dy, x, z, weight, rstd, group_size=None, norm_before_gate=False):
         HAS_Z=has_z, NORM_BEFORE_GATE=nbg, BLOCK_G=triton.next_power_of_2(group_size),
     )
     dw = dw_part.sum(0).to(weight.dtype)
-    return dx.view(shape), dz.view(shape) if has_z else None, dw
+    return dx.view(shape), (dz.view(shape) if out_dz is None else out_dz) if has_z else None, dw
 
 
 class GatedRMSNormFn(torch.autograd.Function):

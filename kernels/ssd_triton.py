@@ -912,12 +912,13 @@ def forward(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_sof
 
 
 def backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_p, cs, prev, ypre,
-             chunk_size=256, dt_softplus=True, dt_limit=None, out_dx=None, out_dB=None, out_dC=None):
+             chunk_size=256, dt_softplus=True, dt_limit=None, out_dx=None, out_dB=None, out_dC=None,
+             out_ddt=None):
     """The backward kernels, from `forward`'s inputs (as they were given to it) and its saved
     outputs; dfinal (the final state's gradient) may be None. Returns dx, ddt, dA, dB, dC, dD, dz,
     ddt_bias, dinitial_states, each in its input's dtype and shape (contiguous, or written into
-    `out_dx` / `out_dB` / `out_dC` where given: e.g. views of one d(xBC) buffer); None for
-    absent inputs."""
+    `out_dx` / `out_dB` / `out_dC` / `out_ddt` where given: e.g. views of one d(xBC) buffer);
+    None for absent inputs."""
     B_dtype, C_dtype, D_in = B.dtype, C.dtype, D
     x, dt_raw, A, B, C, D, z, init, seq_idx = _prepare(x, dt, A, B, C, chunk_size, D, z, initial_states,
                                                        seq_idx)
@@ -995,7 +996,7 @@ def backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
     del dstates
 
     # ---- the chunk-local reverse cumsum and the dt chain, one kernel per (chunk, head block) ----
-    ddt_raw = torch.empty(dt_raw.shape, device=dev, dtype=dt_raw.dtype)
+    ddt_raw = torch.empty(dt_raw.shape, device=dev, dtype=dt_raw.dtype) if out_ddt is None else out_ddt
     dA_part = torch.empty(b * nc, h, device=dev, dtype=torch.float32)
     dbias_part = torch.empty_like(dA_part) if dt_bias is not None else dA_part
     lo, hi_ = dt_limit if dt_limit is not None else (0.0, 0.0)
