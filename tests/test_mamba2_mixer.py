@@ -105,3 +105,26 @@ def test_mixer_op_on_cuda_matches_the_references():
     ref = torch.autograd.grad(want, list(t32.values()), dout)
     errs = {name: rel(a, b_) for name, a, b_ in zip(t, got, ref)}
     assert all(e < 5e-2 for e in errs.values()), errs
+
+
+@interpreter_only
+def test_mixer_kernels_in_bf16_with_fp32_parameters(monkeypatch):
+    """As autocast trains it: bf16 activations (zxbcdt), fp32 parameters. Through the op with the
+    Triton kernels (interpreter), against the references in fp32 on the same values; every
+    gradient comes back in its input's dtype."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
+    t, options = _inputs(torch.float32, documents=True)
+    t = {k: (v.detach().bfloat16() if k == "zxbcdt" else v.detach()).requires_grad_() for k, v in t.items()}
+    t32 = {k: v.detach().float().requires_grad_() for k, v in t.items()}
+    out = _call(lambda *a: mixer._op(*a)[0], t, options)
+    want = _call(mixer.mamba2_mixer_ref, t32, options)
+    assert out.dtype == torch.bfloat16
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(out, want) < 2e-2
+    dout = torch.randn_like(want)
+    got = torch.autograd.grad(out, list(t.values()), dout.bfloat16())
+    ref = torch.autograd.grad(want, list(t32.values()), dout)
+    for name, g, w in zip(t, got, ref):
+        assert g.dtype == t[name].dtype, name
+        assert rel(g, w) < 5e-2, (name, rel(g, w))
