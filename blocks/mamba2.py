@@ -17,7 +17,7 @@ from hybridlab.kernels import (
     causal_conv1d_update,
     gated_rms_norm,
     mamba2_mixer,
-    ssd_chunked_xbc,
+    ssd_chunked,
     ssd_step,
 )
 
@@ -139,15 +139,16 @@ class Mamba2Block(Block):
         return x, B, C
 
     def _mix(self, h, z, xBC, dt, initial_states=None, seq_idx=None):
-        """Conv'd xBC (B, L, conv_dim) -> SSD -> gated norm -> out-proj + residual (prefill).
+        """Conv'd xBC (B, L, conv_dim) -> SSD -> gated norm -> out-proj + residual: prefill,
+        with carried states (training's forward runs the same three in `mamba2_mixer`).
         Returns (output, final SSM state or None). `seq_idx` (B, L): packed documents, the
         SSM state restarts at each."""
         cfg = self.cfg
         b, L, _ = h.shape
-        # prefill (carried states): the mixer's three steps called one by one; training's forward
-        # is `mamba2_mixer`, which runs the same three
-        out = ssd_chunked_xbc(
-            xBC, dt, -torch.exp(self.A_log.float()), self.nheads, cfg.headdim, cfg.ngroups,
+        x, B, C = self._ssd_inputs(xBC)
+        out = ssd_chunked(
+            x.reshape(b, L, self.nheads, cfg.headdim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(b, L, cfg.ngroups, cfg.d_state), C.reshape(b, L, cfg.ngroups, cfg.d_state),
             chunk_size=cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
             initial_states=initial_states, return_final_states=initial_states is not None,
             seq_idx=seq_idx,

@@ -454,11 +454,11 @@ def train(run: Run, stop_after: int | None = None, quiet: bool = False, warn=Non
     blocks_summary = training_summary({})  # the blocks' summarised metrics at the last logged step
     tok_s = 0.0
     wrapped.train()
+    if device.type == "cuda":  # train/peak_memory_gib: training's own, not the micro-batch probe's
+        torch.cuda.reset_peak_memory_stats(device)
     # The next step's batch is drawn on a thread while this one trains: the step ends in a
     # host synchronisation (its loss), so a draw in the loop would leave the GPU idle for its
     # whole length. A draw is a function of (step, seed) alone, so this changes no number.
-    if device.type == "cuda":  # train/peak_memory_gib: training's own, not the micro-batch probe's
-        torch.cuda.reset_peak_memory_stats(device)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridlab-data")
     upcoming = loader.submit(draw, step, batch, cfg.seed) if step < end else None
     try:

@@ -14,15 +14,7 @@ from .selective_attention import (
     selective_attention_decode_ref,
     selective_attention_ref,
 )
-from .ssd import (
-    seq_idx_from_cu_seqlens,
-    ssd_chunked,
-    ssd_chunked_ref,
-    ssd_chunked_xbc,
-    ssd_naive,
-    ssd_step,
-    ssd_step_ref,
-)
+from .ssd import seq_idx_from_cu_seqlens, ssd_chunked, ssd_chunked_ref, ssd_naive, ssd_step, ssd_step_ref
 
 __all__ = [
     "linear_cross_entropy", "linear_cross_entropy_ref",
@@ -30,6 +22,5 @@ __all__ = [
     "gated_rms_norm", "gated_rms_norm_ref", "rms_norm", "rms_norm_ref", "mamba2_mixer", "mamba2_mixer_ref",
     "attention_by_position", "selective_attention", "selective_attention_decode", "selective_attention_decode_ref",
     "selective_attention_ref",
-    "seq_idx_from_cu_seqlens", "ssd_chunked", "ssd_chunked_ref", "ssd_chunked_xbc", "ssd_naive", "ssd_step",
-    "ssd_step_ref",
+    "seq_idx_from_cu_seqlens", "ssd_chunked", "ssd_chunked_ref", "ssd_naive", "ssd_step", "ssd_step_ref",
 ]

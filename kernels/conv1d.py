@@ -59,7 +59,6 @@ def _ct():
     return triton_impl("conv1d_triton")
 
 
-
 def _silu_flag(activation):
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"unknown activation {activation!r}")

@@ -75,7 +75,6 @@ def _cet():
     return triton_impl("cross_entropy_triton")
 
 
-
 def _fused(h, weight, targets, chunk, ignore_index, need_grad_h, need_grad_w):
     loss, grad_h, grad_w = _cet().forward(h.contiguous(), weight, targets.contiguous(), chunk, ignore_index,
                                           need_grad_h, need_grad_w)

@@ -32,12 +32,22 @@ def mixer_split(zxbcdt: Tensor, nheads: int, headdim: int) -> tuple[Tensor, Tens
     return zxbcdt[..., :d_inner], zxbcdt[..., d_inner:d_inner + conv_dim], zxbcdt[..., d_inner + conv_dim:]
 
 
+def xbc_split(xBC: Tensor, nheads: int, headdim: int, ngroups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The conv's output xBC (B, L, h*p + 2*g*n) -> views x (B, L, h, p), B and C (B, L, g, n)."""
+    d_inner = nheads * headdim
+    n = (xBC.shape[-1] - d_inner) // (2 * ngroups)
+    x = xBC[..., :d_inner].unflatten(-1, (nheads, headdim))
+    B = xBC[..., d_inner:d_inner + ngroups * n].unflatten(-1, (ngroups, n))
+    C = xBC[..., d_inner + ngroups * n:].unflatten(-1, (ngroups, n))
+    return x, B, C
+
+
 def mamba2_mixer_ref(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, nheads, headdim, ngroups,
                      chunk_size, norm_eps, norm_group_size, norm_before_gate, seq_idx=None):
     """The definition: the three references composed. conv_weight (conv_dim, k); A (nheads,)."""
     z, xBC, dt = mixer_split(zxbcdt, nheads, headdim)
     xBC = conv1d.causal_conv1d_ref(xBC, conv_weight, conv_bias, seq_idx=seq_idx)
-    x, B, C = ssd.xbc_split(xBC, nheads, headdim, ngroups)
+    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
     y = ssd.ssd_chunked_ref(x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx)
     return norm.gated_rms_norm_ref(y.flatten(2), z, norm_weight, norm_eps, norm_group_size, norm_before_gate)
 
@@ -51,8 +61,8 @@ def _op(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], A: Ten
     keeps (the three ops' saved tensors; placeholders from the references on the CPU)."""
     z, xBC, dt = mixer_split(zxbcdt, nheads, headdim)
     xBC = conv1d._op(xBC, conv_weight, conv_bias, seq_idx, True)
-    y, _, dt_p, cs, prev = ssd._op_xbc(xBC, dt, A, nheads, headdim, ngroups, chunk_size, D, dt_bias, True, None,
-                                       None, seq_idx)
+    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
+    y, _, dt_p, cs, prev, _ = ssd._op(x, dt, A, B, C, chunk_size, D, None, dt_bias, True, None, None, seq_idx)
     out, rstd = norm._op(y.flatten(2), z, norm_weight, norm_eps, norm_group_size, norm_before_gate, None)
     return out, xBC, y, dt_p, cs, prev, rstd
 
@@ -62,8 +72,8 @@ def _op_fake(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, nheads,
              norm_eps, norm_group_size, norm_before_gate, seq_idx):
     z, xBC, dt = mixer_split(zxbcdt, nheads, headdim)
     xBC = xBC.new_empty(xBC.shape)
-    y, _, dt_p, cs, prev = ssd._op_xbc_fake(xBC, dt, A, nheads, headdim, ngroups, chunk_size, D, dt_bias, True,
-                                            None, None, seq_idx)
+    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
+    y, _, dt_p, cs, prev, _ = ssd._op_fake(x, dt, A, B, C, chunk_size, D, None, dt_bias, True, None, None, seq_idx)
     out, rstd = norm._op_fake(y.flatten(2), z, norm_weight, norm_eps, norm_group_size, norm_before_gate, None)
     return out, xBC, y, dt_p, cs, prev, rstd
 
@@ -83,9 +93,11 @@ def _op_backward(dout: Tensor, zxbcdt: Tensor, conv_weight: Tensor, conv_bias: O
     z, xBC_in, dt = mixer_split(zxbcdt, nheads, headdim)
     dy, dz, dnorm = norm._op_backward(dout, y.flatten(2), z, norm_weight, rstd, norm_eps, norm_group_size,
                                       norm_before_gate)
-    dxBC, ddt, dA, dD, ddt_bias, _ = ssd._op_xbc_backward(
-        dy.unflatten(-1, (nheads, headdim)), None, xBC, dt, A, nheads, headdim, ngroups, D, dt_bias, None, seq_idx,
-        dt_p, cs, prev, chunk_size, True, None)
+    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
+    dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = ssd._op_backward(
+        dy.unflatten(-1, (nheads, headdim)), None, x, dt, A, B, C, D, None, dt_bias, None, seq_idx, dt_p, cs, prev,
+        x.new_empty(0), chunk_size, True, None)
+    dxBC = torch.cat([dx.flatten(2), dB.flatten(2), dC.flatten(2)], dim=-1)
     dxBC_in, dw, db = conv1d._op_backward(dxBC, xBC_in, conv_weight, conv_bias, seq_idx, True)
     return torch.cat([dz, dxBC_in, ddt], dim=-1), dw, db, dA, dD, ddt_bias, dnorm
 
@@ -100,8 +112,8 @@ def _op_backward_triton(dout, zxbcdt, conv_weight, conv_bias, A, D, dt_bias, nor
     dy, _, dnorm = triton_impl("norm_triton").backward(dout, y.flatten(2), z, norm_weight, rstd, norm_group_size,
                                                        norm_before_gate, out_dz=dz)
     dxBC = torch.empty(xBC.shape, device=xBC.device, dtype=xBC.dtype)   # the conv's output gradient
-    x, B, C = ssd.xbc_split(xBC, nheads, headdim, ngroups)
-    dx, dB, dC = ssd.xbc_split(dxBC, nheads, headdim, ngroups)
+    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
+    dx, dB, dC = xbc_split(dxBC, nheads, headdim, ngroups)
     grads = triton_impl("ssd_triton").backward(
         dy.unflatten(-1, (nheads, headdim)), None, x, dt, A, B, C, D, None, dt_bias, None, seq_idx, dt_p, cs, prev,
         None, chunk_size, True, None, out_dx=dx, out_dB=dB, out_dC=dC, out_ddt=ddt)
@@ -155,6 +167,6 @@ def mamba2_mixer(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, nhe
                    seq_idx)[0]
     z, xBC, dt = mixer_split(zxbcdt, nheads, headdim)
     xBC = conv1d.causal_conv1d(xBC, conv_weight, conv_bias, seq_idx=seq_idx)
-    y = ssd.ssd_chunked_xbc(xBC, dt, A, nheads, headdim, ngroups, chunk_size=chunk_size, D=D, dt_bias=dt_bias,
-                            seq_idx=seq_idx)
+    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
+    y = ssd.ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx)
     return norm.gated_rms_norm(y.flatten(2), z, norm_weight, norm_eps, norm_group_size, norm_before_gate)

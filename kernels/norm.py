@@ -48,7 +48,6 @@ def _nt():
     return triton_impl("norm_triton")
 
 
-
 @torch.library.custom_op("hybridlab::gated_rms_norm", mutates_args=())
 def _op(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, group_size: Optional[int],
         norm_before_gate: bool, out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:

@@ -91,7 +91,6 @@ def _sat():
     return triton_impl("selective_attention_triton")
 
 
-
 @torch.library.custom_op("hybridlab::selective_attention", mutates_args=())
 def _op(q: Tensor, k: Tensor, v: Tensor, q_mask: Optional[Tensor], kv_mask: Optional[Tensor],
         window: Optional[int], scale: Optional[float], seq_idx: Optional[Tensor]

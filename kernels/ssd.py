@@ -184,7 +184,6 @@ def _ssdt():
     return triton_impl("ssd_triton")
 
 
-
 def _limit(dt_limit):
     """The op's list back to the reference's tuple (which it compares with (0, inf))."""
     return tuple(dt_limit) if dt_limit is not None else None
@@ -319,121 +318,6 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt
     return ssd_chunked_ref(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                            dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
                            seq_idx=seq_idx, return_final_states=return_final_states)
-
-
-# ----------------------------------------------------------------------------------------------
-# The scan over Mamba-2's conv output xBC (b, l, h*p + 2*g*n), x, B and C read out of it as
-# views: `hybridlab::ssd_chunked_xbc`, whose backward writes dx, dB and dC into one d(xBC)
-# buffer. Through `ssd_chunked` on the three views, autograd would return three gradients and
-# torch.compile would concatenate them into d(xBC) for the conv's backward: a copy of the
-# whole tensor every layer.
-# ----------------------------------------------------------------------------------------------
-def xbc_split(xBC: Tensor, nheads: int, headdim: int, ngroups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """xBC (b, l, h*p + 2*g*n) -> views x (b, l, h, p), B and C (b, l, g, n)."""
-    d_inner = nheads * headdim
-    n = (xBC.shape[-1] - d_inner) // (2 * ngroups)
-    x = xBC[..., :d_inner].unflatten(-1, (nheads, headdim))
-    B = xBC[..., d_inner:d_inner + ngroups * n].unflatten(-1, (ngroups, n))
-    C = xBC[..., d_inner + ngroups * n:].unflatten(-1, (ngroups, n))
-    return x, B, C
-
-
-@torch.library.custom_op("hybridlab::ssd_chunked_xbc", mutates_args=())
-def _op_xbc(xBC: Tensor, dt: Tensor, A: Tensor, nheads: int, headdim: int, ngroups: int, chunk_size: int,
-            D: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, dt_limit: Optional[list[float]],
-            initial_states: Optional[Tensor], seq_idx: Optional[Tensor]
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, final_states, dt_p, cs, prev): `hybridlab::ssd_chunked`'s, on xBC's views (no z)."""
-    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
-    return tuple(_op(x, dt, A, B, C, chunk_size, D, None, dt_bias, dt_softplus, dt_limit, initial_states,
-                     seq_idx)[:5])
-
-
-@_op_xbc.register_fake
-def _op_xbc_fake(xBC, dt, A, nheads, headdim, ngroups, chunk_size, D, dt_bias, dt_softplus, dt_limit,
-                 initial_states, seq_idx):
-    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
-    return _op_fake(x, dt, A, B, C, chunk_size, D, None, dt_bias, dt_softplus, dt_limit, initial_states,
-                    seq_idx)[:5]
-
-
-@torch.library.custom_op("hybridlab::ssd_chunked_xbc_backward", mutates_args=())
-def _op_xbc_backward(dy: Tensor, dfinal: Optional[Tensor], xBC: Tensor, dt: Tensor, A: Tensor, nheads: int,
-                     headdim: int, ngroups: int, D: Optional[Tensor], dt_bias: Optional[Tensor],
-                     initial_states: Optional[Tensor], seq_idx: Optional[Tensor], dt_p: Tensor, cs: Tensor,
-                     prev: Tensor, chunk_size: int, dt_softplus: bool, dt_limit: Optional[list[float]]
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dxBC, ddt, dA, dD, ddt_bias, dinitial_states); placeholders for absent inputs."""
-    if triton_on_cpu():
-        return _op_xbc_backward_triton(dy, dfinal, xBC, dt, A, nheads, headdim, ngroups, D, dt_bias,
-                                       initial_states, seq_idx, dt_p, cs, prev, chunk_size, dt_softplus, dt_limit)
-    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
-    dx, ddt, dA, dB, dC, dD, _, ddt_bias, dinit = _op_backward(
-        dy, dfinal, x, dt, A, B, C, D, None, dt_bias, initial_states, seq_idx, dt_p, cs, prev, x.new_empty(0),
-        chunk_size, dt_softplus, dt_limit)
-    return torch.cat([dx.flatten(2), dB.flatten(2), dC.flatten(2)], dim=-1), ddt, dA, dD, ddt_bias, dinit
-
-
-@_op_xbc_backward.register_kernel("cuda")
-def _op_xbc_backward_triton(dy, dfinal, xBC, dt, A, nheads, headdim, ngroups, D, dt_bias, initial_states,
-                            seq_idx, dt_p, cs, prev, chunk_size, dt_softplus, dt_limit):
-    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
-    dxBC = torch.empty(xBC.shape, device=xBC.device, dtype=xBC.dtype)
-    dx, dB, dC = xbc_split(dxBC, nheads, headdim, ngroups)   # the kernels write into these views
-    grads = _ssdt().backward(dy, dfinal, x, dt, A, B, C, D, None, dt_bias, initial_states, seq_idx, dt_p, cs,
-                             prev, None, chunk_size, dt_softplus, dt_limit, out_dx=dx, out_dB=dB, out_dC=dC)
-    _, ddt, dA, _, _, dD, _, ddt_bias, dinit = (g if g is not None else xBC.new_empty(0) for g in grads)
-    return dxBC, ddt, dA, dD, ddt_bias, dinit
-
-
-@_op_xbc_backward.register_fake
-def _op_xbc_backward_fake(dy, dfinal, xBC, dt, A, nheads, headdim, ngroups, D, dt_bias, initial_states,
-                          seq_idx, dt_p, cs, prev, chunk_size, dt_softplus, dt_limit):
-    return tuple(t.new_empty(t.shape) if t is not None else xBC.new_empty(0)
-                 for t in (xBC, dt, A, D, dt_bias, initial_states))
-
-
-def _setup_context_xbc(ctx, inputs, output):
-    (xBC, dt, A, nheads, headdim, ngroups, chunk_size, D, dt_bias, dt_softplus, dt_limit, initial_states,
-     seq_idx) = inputs
-    _, _, dt_p, cs, prev = output
-    ctx.save_for_backward(xBC, dt, A, D, dt_bias, initial_states, seq_idx, dt_p, cs, prev)
-    ctx.shape = nheads, headdim, ngroups
-    ctx.options = chunk_size, dt_softplus, dt_limit
-    ctx.absent = [t is None for t in (D, dt_bias, initial_states)]
-    ctx.set_materialize_grads(False)
-
-
-def _backward_xbc(ctx, dy, dfinal, _ddt_p, _dcs, _dprev):
-    xBC, dt, A, D, dt_bias, init, seq_idx, dt_p, cs, prev = ctx.saved_tensors
-    if dy is None:  # only final_states was used
-        nheads, headdim, _ = ctx.shape
-        dy = xBC.new_zeros(*xBC.shape[:2], nheads, headdim)
-    dxBC, ddt, dA, *optional = _op_xbc_backward(dy, dfinal, xBC, dt, A, *ctx.shape, D, dt_bias, init, seq_idx,
-                                                dt_p, cs, prev, *ctx.options)
-    dD, ddt_bias, dinit = (None if absent else g for g, absent in zip(optional, ctx.absent))
-    return dxBC, ddt, dA, None, None, None, None, dD, ddt_bias, None, None, dinit, None
-
-
-_op_xbc.register_autograd(_backward_xbc, setup_context=_setup_context_xbc)
-
-
-def ssd_chunked_xbc(xBC, dt, A, nheads: int, headdim: int, ngroups: int, chunk_size=256, D=None, dt_bias=None,
-                    dt_softplus=True, dt_limit=None, initial_states=None, seq_idx=None,
-                    return_final_states=False):
-    """`ssd_chunked` on x, B, C packed in xBC (b, l, h*p + 2*g*n), as Mamba-2's conv writes them.
-    Under torch.compile on CUDA one op, whose backward writes d(xBC) as one tensor; elsewhere
-    `ssd_chunked` on the views."""
-    if use_triton(xBC) and through_op():
-        seq_idx = seq_idx.to(torch.int32) if seq_idx is not None else None  # the kernels' dtype
-        dt_limit = None if dt_limit is None else [float(dt_limit[0]), float(dt_limit[1])]
-        y, final = _op_xbc(xBC, dt, A, int(nheads), int(headdim), int(ngroups), int(chunk_size), D, dt_bias,
-                           bool(dt_softplus), dt_limit, initial_states, seq_idx)[:2]
-        return (y, final) if return_final_states else y
-    x, B, C = xbc_split(xBC, nheads, headdim, ngroups)
-    return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                       dt_limit=dt_limit, initial_states=initial_states, seq_idx=seq_idx,
-                       return_final_states=return_final_states)
 
 
 def ssd_step(state, x, dt, A, B, C, **kwargs):

@@ -88,9 +88,9 @@ def _spy_on_triton(monkeypatch):
         calls["forward"] += 1
         return fwd(*args)
 
-    def backward(dy, dfinal, *args, **kwargs):
+    def backward(dy, dfinal, *args):
         calls["dfinal"].append(dfinal)
-        return bwd(dy, dfinal, *args, **kwargs)
+        return bwd(dy, dfinal, *args)
 
     monkeypatch.setattr(st, "forward", forward)
     monkeypatch.setattr(st, "backward", backward)
@@ -164,73 +164,3 @@ def test_ssd_op_compiles_as_one_graph():
     want = torch.autograd.grad((y_e, final_e), _leaves(a), (dy, dfinal))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
-
-
-# ---- hybridlab::ssd_chunked_xbc: the scan over Mamba-2's packed conv output ----
-
-def _xbc_inputs(dtype=torch.float64, full=True):
-    """_inputs' x, B, C packed into one xBC (b, l, h*p + 2*g*n), the other arguments alike."""
-    a = _inputs(dtype, full)
-    xBC = torch.cat([a["x"].flatten(2), a["B"].flatten(2), a["C"].flatten(2)], dim=-1).detach().requires_grad_()
-    return xBC, a
-
-
-XBC_GRAD = ("dt", "A", "D", "dt_bias", "initial_states")
-
-
-def _xbc_args(xBC, a):
-    h, p = a["x"].shape[2:]
-    return (xBC, a["dt"], a["A"], h, p, a["B"].shape[2], a["chunk_size"], a["D"], a["dt_bias"], a["dt_softplus"],
-            a["dt_limit"], a["initial_states"], a["seq_idx"])
-
-
-def _xbc_ref(xBC, a, **kw):
-    h, p = a["x"].shape[2:]
-    x, B, C = ssd.xbc_split(xBC, h, p, a["B"].shape[2])
-    return _ref({**a, "x": x, "B": B, "C": C, "z": None}, **kw)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_ssd_xbc_op_passes_opcheck_and_matches_the_reference(case):
-    xBC, a = _xbc_inputs(**CASES[case])
-    torch.library.opcheck(ssd._op_xbc, _xbc_args(xBC, a))
-    y, final = ssd._op_xbc(*_xbc_args(xBC, a))[:2]
-    leaves = [xBC] + [a[k] for k in XBC_GRAD if a[k] is not None]
-    dy, dfinal = torch.randn_like(y), torch.randn_like(final)
-    got = torch.autograd.grad((y, final), leaves, (dy, dfinal))
-    want = torch.autograd.grad(_xbc_ref(xBC, a, return_final_states=True), leaves, (dy, dfinal))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
-
-
-@interpreter_only
-def test_ssd_xbc_writes_one_dxbc_through_the_kernels(monkeypatch):
-    """Under torch.compile (fullgraph) with the Triton kernels (the interpreter here): one
-    `ssd_chunked_xbc` node each way, and the backward's d(xBC), written by the kernels into views
-    of one tensor, equals the reference's gradient of xBC."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
-    calls = _spy_on_triton(monkeypatch)
-    xBC, a = _xbc_inputs(torch.float32, full=True)
-    h, p = a["x"].shape[2:]
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    def fn(xBC, dt, A, D, dt_bias):
-        return ssd.ssd_chunked_xbc(xBC, dt, A, h, p, a["B"].shape[2], chunk_size=16, D=D, dt_bias=dt_bias,
-                                   seq_idx=a["seq_idx"])
-
-    leaves = [xBC, a["dt"], a["A"], a["D"], a["dt_bias"]]
-    y = torch.compile(fn, fullgraph=True, backend=backend)(*leaves)
-    ops = [nd.target for gm in graphs for nd in gm.graph.nodes if nd.op == "call_function"
-           and "hybridlab" in str(nd.target)]
-    assert ops == [torch.ops.hybridlab.ssd_chunked_xbc.default]
-    y_r = _xbc_ref(xBC, {**a, "initial_states": None, "dt_limit": None})
-    torch.testing.assert_close(y, y_r, atol=1e-4, rtol=1e-4)
-    dy = torch.randn_like(y_r)
-    for g, w in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_r, leaves, dy)):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-    assert calls["forward"] == 1 and calls["dfinal"] == [None]
