@@ -164,9 +164,15 @@ def _backward(ctx, do, _dlse, _dsel_pos, _drank):
 _op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def triton_head_dim(d: int) -> bool:
+    """Whether the Triton kernels take head dim d (their tiles need a power of two >= 16);
+    other widths run the reference on every device."""
+    return d >= 16 and d & (d - 1) == 0
+
+
 def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=None,
                         seq_idx=None):
-    if use_triton(q):
+    if use_triton(q) and triton_head_dim(q.shape[-1]):
         if not through_op():  # eager: the autograd.Function (less host time than the op)
             return _sat().selective_attention(q, k, v, q_mask, kv_mask, window, scale, seq_idx)
         # under torch.compile: the op, one node; nothing below that compile cannot trace
@@ -177,7 +183,7 @@ def selective_attention(q, k, v, q_mask=None, kv_mask=None, window=None, scale=N
 
 
 def selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window=None, scale=None):
-    impl = triton_impl("selective_attention_triton") if use_triton(q) else None
+    impl = triton_impl("selective_attention_triton") if use_triton(q) and triton_head_dim(q.shape[-1]) else None
     if impl is not None and hasattr(impl, "selective_attention_decode"):
         return impl.selective_attention_decode(q, k_cache, v_cache, slot_pos, pos, window, scale)
     return selective_attention_decode_ref(q, k_cache, v_cache, slot_pos, pos, window, scale)

@@ -4,9 +4,11 @@ B8 L4096 in bf16, forward + backward: without seq_idx, with seq_idx of one docum
 prepared data (a boundary in about a quarter of the rows), per-kernel GPU time for each.
 `--compile`: the model through torch.compile (as `compile: true` trains it). `--prepared DIR`:
 instead, a micro-batch drawn packed from prepared data (its real document boundaries), with and
-without its seq_idx.
+without its seq_idx. `--only NAME`: that case alone (e.g. "no seq_idx": the training step as
+unpacked runs it); `--top N`: kernels listed per case (30).
 
-    source scripts/gpu_env.sh; cd /tmp; python -P $ROOT/scripts/gpu_pack_profile.py [--compile] [--prepared DIR]
+    source scripts/gpu_env.sh; cd /tmp
+    python -P $ROOT/scripts/gpu_pack_profile.py [--compile] [--prepared DIR] [--only NAME] [--top N]
 """
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ def main():
               f"256-token chunks hold a document start")
         cases = {"prepared rows, no seq_idx": (inputs, targets, None), "prepared rows, packed": (inputs, targets, seq)}
 
+    if "--only" in sys.argv:
+        only = sys.argv[sys.argv.index("--only") + 1]
+        cases = {only: cases[only]}
+    top = int(sys.argv[sys.argv.index("--top") + 1]) if "--top" in sys.argv else 30
+
     def step(case):
         inputs, targets, seq_idx = case
 
@@ -82,7 +89,7 @@ def main():
             ms = timed(step(seq))
             print(f"{name}: fwd+bwd {ms:.2f} ms ({B * L / ms:.1f}K tokens/s)", flush=True)
     for name, seq in cases.items():
-        kernel_table(step(seq), name, top=30)
+        kernel_table(step(seq), name, top=top)
 
 
 if __name__ == "__main__":

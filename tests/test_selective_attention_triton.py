@@ -244,6 +244,36 @@ def test_decode_empty_cache_gives_zeros():
     _decode_case(2, 20, 2, 2, 16, torch.float32, 8, DEVICE, empty_row=True)
 
 
+@pytest.mark.parametrize("d", [8, 24])
+def test_head_dims_the_kernels_cannot_tile_run_the_reference(monkeypatch, d):
+    """A head dim the Triton tiles cannot take (not a power of two >= 16) runs the reference,
+    forward, backward and decode, where the kernels would raise: a model that trains on the
+    CPU trains on CUDA too."""
+    from hybridlab.kernels.selective_attention import selective_attention, selective_attention_decode
+
+    monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")  # the Triton path, as on CUDA
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 2, d, generator=g, device=DEVICE, requires_grad=True) for _ in range(3))
+    q_mask = _selection(1, 20, 0.3, DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        sat.selective_attention(q, k, v, q_mask, None, 8, None, None)  # what the kernels say
+    o = selective_attention(q, k, v, q_mask=q_mask, window=8)
+    o.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    want = selective_attention_ref(q, k, v, q_mask, None, 8)
+    want.sum().backward()
+    torch.testing.assert_close(o, want)
+    for got, ref in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, ref)
+    slot_pos = torch.arange(20, device=DEVICE)[None].expand(1, 20)
+    pos = torch.full((1,), 19, device=DEVICE)
+    torch.testing.assert_close(
+        selective_attention_decode(q[:, 0].detach(), k.detach(), v.detach(), slot_pos, pos, 8),
+        selective_attention_decode_ref(q[:, 0].detach(), k.detach(), v.detach(), slot_pos, pos, 8))
+
+
 # ------------------------------------------------------------------------------------------
 # real shapes, CUDA only (the GPU run is also the race test: the interpreter is sequential)
 # ------------------------------------------------------------------------------------------
