@@ -52,7 +52,15 @@ def mamba2_mixer_ref(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
     return norm.gated_rms_norm_ref(y.flatten(2), z, norm_weight, norm_eps, norm_group_size, norm_before_gate)
 
 
-@torch.library.custom_op("hybridlab::mamba2_mixer", mutates_args=())
+# The ops ask only for the traced stride order, not Inductor's default of exact strides: the
+# kernels read z, xBC and dt with any row stride, and where Inductor stores the in-projection's
+# output with other row strides (e.g. padded) the default would copy the (B, L, 3352) tensor
+# before the op and again before its backward (seen in one GPU profile, not in the next:
+# docs/measurements/, thirteenth session).
+_LAYOUT = (torch.Tag.needs_fixed_stride_order,)
+
+
+@torch.library.custom_op("hybridlab::mamba2_mixer", mutates_args=(), tags=_LAYOUT)
 def _op(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], A: Tensor, D: Optional[Tensor],
         dt_bias: Optional[Tensor], norm_weight: Tensor, nheads: int, headdim: int, ngroups: int, chunk_size: int,
         norm_eps: float, norm_group_size: int, norm_before_gate: bool, seq_idx: Optional[Tensor]
@@ -78,7 +86,7 @@ def _op_fake(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, nheads,
     return out, xBC, y, dt_p, cs, prev, rstd
 
 
-@torch.library.custom_op("hybridlab::mamba2_mixer_backward", mutates_args=())
+@torch.library.custom_op("hybridlab::mamba2_mixer_backward", mutates_args=(), tags=_LAYOUT)
 def _op_backward(dout: Tensor, zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], A: Tensor,
                  D: Optional[Tensor], dt_bias: Optional[Tensor], norm_weight: Tensor, xBC: Tensor, y: Tensor,
                  dt_p: Tensor, cs: Tensor, prev: Tensor, rstd: Tensor, nheads: int, headdim: int, ngroups: int,
@@ -160,7 +168,8 @@ def mamba2_mixer(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, nhe
                  seq_idx=None):
     """gated_rms_norm(SSD(silu(conv1d(xBC))), z) from the in-projection's zxbcdt: one op under
     torch.compile on CUDA; elsewhere the three public functions (their kernels or references)."""
-    if use_triton(zxbcdt) and through_op():
+    d_state = (conv_weight.shape[0] - nheads * headdim) // (2 * ngroups)   # conv_dim = h*p + 2*g*n
+    if use_triton(zxbcdt) and through_op() and ssd.triton_shape(headdim, d_state, zxbcdt.is_cuda):
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         return _op(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, int(nheads), int(headdim),
                    int(ngroups), int(chunk_size), float(norm_eps), int(norm_group_size), bool(norm_before_gate),

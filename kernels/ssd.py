@@ -297,11 +297,19 @@ def _backward(ctx, dy, dfinal, _ddt_p, _dcs, _dprev, _dypre):
 _op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def triton_shape(headdim: int, d_state: int, on_gpu: bool = True) -> bool:
+    """Whether the Triton scan runs for this head and state size. Below 16 both ways (toy models:
+    P = N = 8) its backward hit an illegal memory access on the H100 in bf16 (fp32 ran, as did
+    P = 8 with N = 16 and P = 16 with N = 8; session 13, docs/measurements/), a fault the
+    interpreter does not show (so it keeps them); until it is found, the GPU runs the reference."""
+    return not on_gpu or headdim >= 16 or d_state >= 16
+
+
 def ssd_chunked(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=True,
                 dt_limit=None, initial_states=None, seq_idx=None, return_final_states=False):
     """Dispatching entry point: the Triton scan (through the op) on CUDA when available, the
     reference otherwise (eager CPU training keeps plain autograd through it)."""
-    if use_triton(x):
+    if use_triton(x) and triton_shape(x.shape[-1], B.shape[-1], x.is_cuda):
         if not through_op():  # eager: the autograd.Function (less host time than the op)
             return _ssdt().ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                                        initial_states, seq_idx, return_final_states)

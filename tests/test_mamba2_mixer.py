@@ -128,3 +128,28 @@ def test_mixer_kernels_in_bf16_with_fp32_parameters(monkeypatch):
     for name, g, w in zip(t, got, ref):
         assert g.dtype == t[name].dtype, name
         assert rel(g, w) < 5e-2, (name, rel(g, w))
+
+
+@pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=interpreter_only)])
+def test_mixer_op_takes_padded_rows(monkeypatch, kernels):
+    """Inductor stores large buffers with rows padded to 128 bytes on CUDA (the in-projection's
+    (B, L, 3352) output in rows of 3392): the ops ask only for the traced stride order, so they
+    get that layout as it is, and give the same output and gradients as on contiguous rows."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("HYBRIDLAB_KERNELS", kernels)
+    for op in (torch.ops.hybridlab.mamba2_mixer.default, torch.ops.hybridlab.mamba2_mixer_backward.default):
+        assert torch.Tag.needs_fixed_stride_order in op.tags
+    t, options = _inputs(torch.float32, documents=True)
+    width = t["zxbcdt"].shape[-1]
+    padded = torch.full((2, 37, width + 24), float("nan"))[..., :width]   # rows of width + 24
+    padded.copy_(t["zxbcdt"].detach())
+    padded.requires_grad_()
+    assert padded.stride(1) == width + 24
+    runs = []
+    for zxbcdt in (t["zxbcdt"], padded):
+        out = _call(lambda *a: mixer._op(*a)[0], {**t, "zxbcdt": zxbcdt}, options)
+        args = [zxbcdt] + [v for k, v in t.items() if k != "zxbcdt"]
+        runs.append((out, *torch.autograd.grad(out, args, torch.ones_like(out))))
+    for name, a, b in zip(["out", *t], *runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
