@@ -26,20 +26,19 @@ from .dispatch import through_op, triton_impl, triton_on_cpu, use_triton
 
 def mixer_split(zxbcdt: Tensor, nheads: int, headdim: int) -> tuple[Tensor, Tensor, Tensor]:
     """zxbcdt (B, L, d_inner + conv_dim + nheads) -> views z (B, L, d_inner), xBC (B, L,
-    conv_dim), dt (B, L, nheads)."""
+    conv_dim), dt (B, L, nheads). torch.split rather than slicing: in eager autograd its backward
+    is one concatenation, where each slice's backward fills a zero tensor of zxbcdt's size and
+    the three are summed."""
     d_inner = nheads * headdim
-    conv_dim = zxbcdt.shape[-1] - d_inner - nheads
-    return zxbcdt[..., :d_inner], zxbcdt[..., d_inner:d_inner + conv_dim], zxbcdt[..., d_inner + conv_dim:]
+    return torch.split(zxbcdt, [d_inner, zxbcdt.shape[-1] - d_inner - nheads, nheads], dim=-1)
 
 
 def xbc_split(xBC: Tensor, nheads: int, headdim: int, ngroups: int) -> tuple[Tensor, Tensor, Tensor]:
     """The conv's output xBC (B, L, h*p + 2*g*n) -> views x (B, L, h, p), B and C (B, L, g, n)."""
     d_inner = nheads * headdim
-    n = (xBC.shape[-1] - d_inner) // (2 * ngroups)
-    x = xBC[..., :d_inner].unflatten(-1, (nheads, headdim))
-    B = xBC[..., d_inner:d_inner + ngroups * n].unflatten(-1, (ngroups, n))
-    C = xBC[..., d_inner + ngroups * n:].unflatten(-1, (ngroups, n))
-    return x, B, C
+    gn = (xBC.shape[-1] - d_inner) // 2
+    x, B, C = torch.split(xBC, [d_inner, gn, gn], dim=-1)
+    return x.unflatten(-1, (nheads, headdim)), B.unflatten(-1, (ngroups, -1)), C.unflatten(-1, (ngroups, -1))
 
 
 def mamba2_mixer_ref(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, nheads, headdim, ngroups,
