@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
+from .selective_attention import triton_head_dim
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _NEG = tl.constexpr(-1.0e30)  # "masked" score; see the module docstring for why it is finite
@@ -741,7 +742,7 @@ def _needs_int64(L, *tensors):
 
 
 def _check_head_dim(d):
-    if d < 16 or d & (d - 1):
+    if not triton_head_dim(d):
         raise ValueError(f"selective_attention (Triton): head dim {d} must be a power of two >= 16")
 
 

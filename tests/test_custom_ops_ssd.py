@@ -166,7 +166,6 @@ def test_ssd_op_compiles_as_one_graph():
         torch.testing.assert_close(g, w)
 
 
-
 def test_toy_head_and_state_sizes_run_the_reference_on_the_gpu():
     """P < 16 and N < 16 together faulted in the Triton backward on the GPU (bf16): there the
     scan and the Mamba-2 mixer take the reference (tests/test_train.py's CUDA case trains such

@@ -132,9 +132,9 @@ def test_mixer_kernels_in_bf16_with_fp32_parameters(monkeypatch):
 
 @pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=interpreter_only)])
 def test_mixer_op_takes_padded_rows(monkeypatch, kernels):
-    """Inductor stores large buffers with rows padded to 128 bytes on CUDA (the in-projection's
-    (B, L, 3352) output in rows of 3392): the ops ask only for the traced stride order, so they
-    get that layout as it is, and give the same output and gradients as on contiguous rows."""
+    """Where Inductor hands the ops the in-projection's output with other row strides (padded,
+    say), they ask only for the traced stride order and take it as it is, with the same output
+    and gradients as on contiguous rows."""
     if kernels == "triton":
         pytest.importorskip("triton")
     monkeypatch.setenv("HYBRIDLAB_KERNELS", kernels)
