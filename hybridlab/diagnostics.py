@@ -3,7 +3,6 @@ never by block type: each layer position's eval report (metrics, histograms, war
 training summary's block metrics, and how they read for people."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -76,15 +75,10 @@ def progress_text(summary: dict[str, float]) -> str:
 def last_training_block_metrics(run_dir: Path, step: int, scopes: list[str]) -> tuple[int | None, dict]:
     """The block metrics of the last training step logged at or before `step` in the run's
     metrics.jsonl: (that step, {scope: {name: value}}); (None, {}) when none was logged."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return None, {}
+    from hybridlab.tracking import read_jsonl
+
     last_step, last = None, {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut by a kill
-            continue
+    for row in read_jsonl(Path(run_dir) / "metrics.jsonl"):
         if "train/loss" in row and row.get("step", 0) <= step:
             last_step, last = row["step"], row
     out: dict[str, dict] = {}

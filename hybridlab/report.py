@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from hybridlab.tracking import read_jsonl
+
 DEFAULT_COLUMNS = ("params", "step", "val/loss", "val/ppl", "val/acc", "train/loss", "train/tokens_per_s")
 
 
@@ -39,12 +41,9 @@ def read_scalars(run_dir: Path) -> tuple[dict, int]:
                 if tag not in last or e.step >= last[tag][0]:
                     last[tag] = (e.step, e.value)
         return {k: v for k, (_, v) in last.items()}, training_step(last)
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            step = max(step, row.get("step", 0))
-            last.update({k: v for k, v in row.items() if k != "step"})
+    for row in read_jsonl(run_dir / "metrics.jsonl"):
+        step = max(step, row.get("step", 0))
+        last.update({k: v for k, v in row.items() if k != "step"})
     return last, step
 
 

@@ -90,6 +90,22 @@ def provenance() -> dict:
     return info
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, in order. A line without its newline was cut (by a
+    SIGKILL, or it is being written while we read) and is left out, as is any line that does
+    not parse, so a reader never fails on a run that was killed or is still going."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().split("\n")[:-1]:  # the last piece is "" or a cut line
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 class Tracker:
     """Scalars to TensorBoard and to `metrics.jsonl` (read by tests and reports)."""
 
@@ -113,10 +129,9 @@ class Tracker:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) < purge]
+        keep = [row for row in read_jsonl(path) if row.get("step", 0) < purge]
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
         os.replace(tmp, path)
 
     def _write_hparams(self, hparams: dict) -> None:

@@ -1,5 +1,4 @@
 """Tiny runs for tests: a small Taipan and a training section that takes seconds on a CPU."""
-import json
 from pathlib import Path
 
 import yaml
@@ -24,8 +23,9 @@ def write_arch(tmp_path: Path, runs_dir: Path, **training) -> Path:
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:
     """step -> merged scalars from metrics.jsonl (later lines win, as after a resume)."""
+    from hybridlab.tracking import read_jsonl
+
     out: dict[int, dict] = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(Path(run_dir) / "metrics.jsonl"):
         out.setdefault(row["step"], {}).update(row)
     return out

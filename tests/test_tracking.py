@@ -105,3 +105,30 @@ def test_hparams_dashboard_ticks_the_architecture_columns_first(tmp_path):
     names = [h.name for h in next(i for i in infos if len(i))]
     assert names[0] == "pattern" and {"sal_capacity", "sal_window"} & set(names[:5])
     assert "arch_hash" not in names[:5]
+
+
+def test_a_line_cut_by_a_kill_is_left_out_and_dropped_on_resume(tmp_path):
+    """SIGKILL (or a reader racing the writer) can leave metrics.jsonl ending mid-line: readers
+    skip it, and a resume rewrites the file without it, one whole row per step."""
+    from hybridlab.report import read_scalars
+    from hybridlab.tracking import Tracker, read_jsonl
+
+    tracker = Tracker(tmp_path)
+    for step in (1, 2, 3):
+        tracker.log(step, {"train/loss": float(step)})
+    tracker.close()
+    path = tmp_path / "metrics.jsonl"
+    whole = path.read_text()
+    path.write_text(whole + whole.splitlines()[-1][:17])  # step 4's row, cut
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+    only_jsonl = tmp_path / "jsonl_only"  # report falls back to metrics.jsonl without events
+    only_jsonl.mkdir()
+    (only_jsonl / "metrics.jsonl").write_text(path.read_text())
+    assert read_scalars(only_jsonl) == ({"train/loss": 3.0}, 3)
+
+    resumed = Tracker(tmp_path, resume_step=2)  # the last checkpoint was at step 2
+    resumed.log(3, {"train/loss": 30.0})
+    resumed.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert json.loads(lines[-1])["train/loss"] == 30.0
