@@ -119,7 +119,7 @@ def test_a_line_cut_by_a_kill_is_left_out_and_dropped_on_resume(tmp_path):
     tracker.close()
     path = tmp_path / "metrics.jsonl"
     whole = path.read_text()
-    path.write_text(whole + whole.splitlines()[-1][:17])  # step 4's row, cut
+    path.write_text(whole + whole.splitlines()[-1][:17])  # one more row, cut mid-write (no newline)
     assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
     only_jsonl = tmp_path / "jsonl_only"  # report falls back to metrics.jsonl without events
     only_jsonl.mkdir()
